@@ -1,0 +1,290 @@
+"""From files on disk to Qwen2-VL inputs: rows, videos, frames, patches, prompts.
+
+transformers' Qwen2-VL video processor needs torchvision and Pillow, so the few steps it
+performs are written out here: uniform frame sampling, the "smart resize" rule, CLIP
+normalisation and the patch layout the vision tower expects.
+"""
+import glob
+import json
+import math
+import os
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- prompts
+# vsGRPO's training prompts, verbatim (appended to the question).
+PROMPTS = {
+    "think": "Please think step by step and enclose your thinking process in <think> </think> tags and then "
+             "provide the short answer with one or two words or a number in <answer> </answer>.",
+    "observe": "Please observe carefully and analyze what you see that helps you to solve the question in the "
+               "video and enclose it in <observe> </observe> tag, and then provide the short answer with one or "
+               "two words or a number in <answer> </answer>.",
+    "vanilla": "Please provide the short answer with one or two words or a number.",
+}
+# VSI-Bench's numeric-answer question types, scored with Mean Relative Accuracy.
+NUMERIC_TYPES = {"object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation"}
+
+# Qwen2-VL's chat format, for tokenizers saved without a chat template (some Qwen2-VL
+# repositories keep it only in chat_template.json, which AutoTokenizer does not read).
+QWEN2VL_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                "<|vision_start|><|video_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+class DataError(ValueError):
+    """A row or a video that cannot be used; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- rows
+# Accepted spellings of each field: VSI-Bench's names first, then the problem/solution/path
+# style of open R1-V-like recipes.
+FIELDS = {"question": ("question", "problem"), "answer": ("ground_truth", "solution", "answer")}
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a JSON list or a JSONL file."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON or JSONL ({e})") from None
+
+
+def expand_paths(patterns: list[str]) -> list[str]:
+    """Paths and globs to a sorted list of files; a pattern matching nothing is an error."""
+    paths = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern))
+        if not matched:
+            raise DataError(f"no data file matches {pattern!r}")
+        paths += matched
+    return paths
+
+
+def first_field(row: dict, names: tuple, where: str) -> object:
+    for name in names:
+        if row.get(name) is not None:
+            return row[name]
+    raise DataError(f"{where}: missing field {names[0]!r} (also accepted: {', '.join(names[1:])})")
+
+
+def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> dict:
+    """One row, in any accepted field spelling, as the sample dict the rest of the code uses."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    answer = str(first_field(row, FIELDS["answer"], where))
+    answer = answer.split("<answer>")[-1].split("</answer>")[0].strip()  # "solution" is often tagged
+    if row.get("path") or row.get("video"):
+        video = row.get("path") or row.get("video")
+    elif row.get("scene_name") and row.get("dataset"):
+        video = f"{row['dataset']}/{row['scene_name']}.mp4"  # VSI-Bench's layout
+    else:
+        raise DataError(f"{where}: missing field 'path' (or 'video', or 'dataset' + 'scene_name')")
+    question_type = str(row.get("question_type", row.get("problem_type", "")))
+    # Numeric iff VSI-Bench scores the type with MRA; an untyped row is numeric if its answer is a number.
+    numeric = question_type in NUMERIC_TYPES or (not question_type and _is_number(answer))
+    return {
+        "id": str(row.get("id", where)), "question": str(first_field(row, FIELDS["question"], where)),
+        "answer": answer, "question_type": question_type, "kind": "numeric" if numeric else "word",
+        "options": list(row.get("options") or []), "video": os.path.join(video_root, video),
+        "prompt_mode": prompt_mode, "source": where,
+    }
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def load_samples(patterns: list[str], video_root: str, prompt_mode: str) -> list[dict]:
+    """Every row of every file, normalised. Stops at the first bad row, naming file, row and field."""
+    samples = []
+    for path in expand_paths(patterns):
+        for i, row in enumerate(read_rows(path), start=1):
+            samples.append(normalise_row(row, f"{path} row {i}", video_root, prompt_mode))
+    if not samples:
+        raise DataError(f"no rows in {patterns}")
+    return samples
+
+
+# ----------------------------------------------------------------------------- video
+def frame_indices(num_available: int, num_frames: int) -> list[int]:
+    """`num_frames` indices spread evenly from the first frame to the last (repeats when short)."""
+    return np.linspace(0, num_available - 1, num_frames).round().astype(int).tolist()
+
+
+def read_frames(path: str, num_frames: int) -> np.ndarray:
+    """Decode `num_frames` frames spread uniformly in time over the whole video: [T, H, W, 3] uint8.
+
+    Sampling is by presentation time, not frame number, so variable-frame-rate videos are
+    sampled evenly too: first demux to learn every frame's timestamp, then decode.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"video not found: {path}")
+    try:
+        with av.open(path) as container:
+            times = sorted(p.pts for p in container.demux(video=0) if p.pts is not None)
+            if not times:
+                raise DataError(f"video has no frames: {path}")
+            wanted = [times[i] for i in frame_indices(len(times), num_frames)]
+            container.seek(0)
+            decoded = {}
+            for frame in container.decode(video=0):
+                if frame.pts in wanted:
+                    decoded[frame.pts] = frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, IndexError, ValueError) as e:
+        raise DataError(f"cannot decode video {path}: {e}") from None
+    missing = [t for t in wanted if t not in decoded]
+    if missing:
+        raise DataError(f"cannot decode video {path}: {len(set(missing))} frame(s) unreadable (truncated file?)")
+    return np.stack([decoded[t] for t in wanted])
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+    """Qwen2-VL's rule: sides multiples of `factor`, area in [min_pixels, max_pixels], aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise DataError(f"aspect ratio {height}x{width} is beyond Qwen2-VL's limit of 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h, w = max(factor, math.floor(height / scale / factor) * factor), max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * scale / factor) * factor, math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2  # Qwen2-VL's vision tower
+
+
+def video_patches(frames: np.ndarray, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames [T, H, W, 3] uint8 to (pixel_values_videos [t*h*w, 3*2*14*14], video_grid_thw [3]).
+
+    t, h, w count patches: t = ceil(T / 2) temporal pairs, h = H' / 14, w = W' / 14 after resizing.
+    """
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    height, width = smart_resize(video.shape[2], video.shape[3], min_pixels, max_pixels)
+    # Bicubic with antialiasing, as the reference processor (torchvision) resizes.
+    video = F.interpolate(video, size=(height, width), mode="bicubic", antialias=True).clamp(0, 255)
+    video = (video / 255 - CLIP_MEAN) / CLIP_STD
+    if len(video) % TEMPORAL_PATCH:  # the tower takes frames in pairs: repeat the last one
+        video = torch.cat([video, video[-1:]])
+    t, h, w = len(video) // TEMPORAL_PATCH, height // PATCH, width // PATCH
+    # Patches are ordered so that each 2x2 block the merger fuses into one token is contiguous.
+    patches = video.view(t, TEMPORAL_PATCH, 3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [t, h/2, w/2, 2, 2, 3, 2, 14, 14]
+    return patches.reshape(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH), torch.tensor([t, h, w])
+
+
+def load_video(path: str, num_frames: int, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return video_patches(read_frames(path, num_frames), min_pixels, max_pixels)
+
+
+# ----------------------------------------------------------------------------- prompt
+def question_text(sample: dict) -> str:
+    """The question, its options one per line if it has any, then the mode's instruction."""
+    lines = [sample["question"]] + (["Options:"] + sample["options"] if sample["options"] else [])
+    return "\n".join(lines + [PROMPTS[sample["prompt_mode"]]])
+
+
+def prompt_ids(tokenizer, text: str, video_grid_thw: torch.Tensor, video_token_id: int) -> list[int]:
+    """Token ids of the chat prompt, its one video placeholder expanded to t*h*w/4 video tokens.
+
+    Nothing is ever truncated: cutting through the video tokens would leave the vision
+    tower's features without places to go.
+    """
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        chat = QWEN2VL_CHAT.format(text=text)
+    ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    if ids.count(video_token_id) != 1:
+        raise DataError(f"the chat prompt must hold exactly one video placeholder, found {ids.count(video_token_id)}")
+    at = ids.index(video_token_id)
+    num_video_tokens = int(video_grid_thw.prod()) // MERGE**2
+    return ids[:at] + [video_token_id] * num_video_tokens + ids[at + 1:]
+
+
+# ----------------------------------------------------------------------------- synthetic data
+# Small scenes of coloured squares ("objects") seen by a slowly panning camera, with
+# questions whose answers follow from how the scene was drawn. Same file format as VSI-Bench.
+OBJECT_COLOURS = {"chair": (220, 40, 40), "table": (40, 80, 230), "sofa": (40, 200, 60), "lamp": (240, 220, 40)}
+SYNTHETIC_TYPES = ("object_counting", "object_rel_direction", "object_rel_distance")
+GRID, CELL = 4, 28  # objects sit in distinct cells of a 4x4 grid over a 112x112 room
+
+
+def draw_scene(cells: dict[str, list[tuple[int, int]]], num_frames: int, rng: np.random.Generator) -> np.ndarray:
+    """Frames [T, 112, 112, 3] of the objects in their cells; the camera pans 8 px left to right."""
+    room = np.full((GRID * CELL + 8, GRID * CELL, 3), 90, np.uint8)
+    room = np.concatenate([room, np.full((GRID * CELL + 8, 8, 3), 90, np.uint8)], 1)
+    for name, positions in cells.items():
+        for row, col in positions:
+            y, x = row * CELL + 4 + rng.integers(0, 5), col * CELL + 4 + rng.integers(0, 5)
+            room[y:y + 18, x:x + 18] = OBJECT_COLOURS[name]
+    pans = np.linspace(0, 8, num_frames).round().astype(int)
+    return np.stack([room[4:4 + GRID * CELL, p:p + GRID * CELL] for p in pans])
+
+
+def synthetic_question(question_type: str, rng: np.random.Generator) -> tuple[dict, str, str]:
+    """A random scene layout, its question and the answer the layout implies."""
+    names = list(OBJECT_COLOURS)
+    free = [(int(c) // GRID, int(c) % GRID) for c in rng.permutation(GRID * GRID)]
+    if question_type == "object_counting":
+        target = str(rng.choice(names))
+        count = int(rng.integers(1, 5))
+        cells = {target: free[:count], str(rng.choice([n for n in names if n != target])): free[count:count + 2]}
+        return cells, f"How many {target}(s) are in this room?", str(count)
+    a, b, c, d = (str(n) for n in rng.permutation(names))
+    if question_type == "object_rel_direction":
+        other = next(cell for cell in free if cell[1] != free[0][1])  # a different column
+        answer = "left" if free[0][1] < other[1] else "right"
+        return {a: [free[0]], b: [other]}, f"Is the {a} to the left or to the right of the {b}?", answer
+    if question_type == "object_rel_distance":
+        cells = {a: [free[0]], b: [free[1]], c: [free[2]], d: [free[3]]}
+        dist = {n: math.dist(cells[a][0], cells[n][0]) for n in (b, c, d)}
+        ranked = sorted(dist, key=dist.get)
+        if dist[ranked[0]] == dist[ranked[1]]:
+            return synthetic_question(question_type, rng)  # a tie has no single answer
+        return cells, f"Which of these objects ({b}, {c}, {d}) is the closest to the {a}?", ranked[0]
+    raise ValueError(f"unknown synthetic question type {question_type!r}")
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "10"})
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num_frames: int = 8,
+                            question_types: tuple = SYNTHETIC_TYPES, name: str = "train") -> str:
+    """Write videos under out_dir/videos and rows to out_dir/{name}.jsonl; returns the JSONL path.
+
+    Rows use VSI-Bench's field names, so --video-root out_dir/videos reads them back.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_questions):
+        question_type = question_types[i % len(question_types)]
+        cells, question, answer = synthetic_question(question_type, rng)
+        scene = f"{name}_{i:05d}"
+        write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"), draw_scene(cells, num_frames, rng))
+        rows.append({"id": scene, "dataset": "synthetic", "scene_name": scene, "question_type": question_type,
+                     "question": question, "ground_truth": answer, "options": []})
+    path = os.path.join(out_dir, f"{name}.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path

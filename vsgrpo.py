@@ -1,0 +1,570 @@
+"""vsGRPO: R1-Zero-style GRPO training of Qwen2-VL on video questions about space.
+
+A single-file reference of arXiv 2504.00883 ("Improved Visual-Spatial Reasoning via
+R1-Zero-Like Training"). It reads top to bottom like the paper's section 3.2:
+
+  1. arguments                    5. sample G completions per question (the rollout)
+  2. LoRA, written out            6. score them, normalise rewards within each group
+  3. model, tokenizer, data       7. the clipped objective with the KL term (Eq. 1)
+  4. log-probs of completions     8. the training loop
+
+  accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data vsi100k/*.json --video-root scannet
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from copy import deepcopy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalGeneration
+
+from data import PROMPTS, DataError, expand_paths, load_samples, load_video, prompt_ids, question_text
+from rewards import DEFAULT_REWARDS, REWARDS
+
+
+# ============================================================================ 1. arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).")
+    a = p.add_argument
+    a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub name or local path (paper: Qwen2-VL-2B/7B-Instruct)")
+    a("--data", nargs="+", help="training rows: JSON or JSONL files or globs (paper: VSI-100k)")
+    a("--video-root", default=".", help="directory the rows' video paths are relative to")
+    a("--output-dir", default="runs/vsgrpo", help="metrics.jsonl and checkpoints go here")
+    a("--prompt-mode", choices=list(PROMPTS), default="vanilla", help="paper's best model, vsGRPO-V: vanilla")
+    a("--num-frames", type=int, default=16, help="frames per video (open video-GRPO recipes: 16)")
+    a("--min-pixels", type=int, default=56 * 56, help="per-frame pixel floor (Qwen2-VL's smart_resize default)")
+    a("--max-pixels", type=int, default=128 * 28 * 28, help="per-frame pixel budget (open recipes: 128*28*28)")
+    a("--rewards", nargs="+", choices=sorted(REWARDS), help="default: accuracy, plus format outside vanilla mode")
+    a("--reward-weights", nargs="+", type=float, help="one per reward (default: all 1)")
+    a("--num-generations", "-G", type=int, default=14, help="completions per question G (paper: 14)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
+    a("--top-k", type=int, default=0, help="0 = off, so samples follow the policy exactly")
+    a("--top-p", type=float, default=1.0, help="1 = off")
+    a("--max-completion-length", type=int, default=512, help="(open recipes: 512-1024)")
+    a("--beta", type=float, default=1e-4, help="KL coefficient (paper: 1e-4; 0 skips the reference pass)")
+    a("--clip-eps", type=float, default=0.2, help="ratio clip epsilon (PPO/GRPO's usual 0.2; paper silent)")
+    a("--num-iterations", type=int, default=1, help="optimisation passes mu over each rollout batch (GRPO)")
+    a("--loss-aggregation", choices=["sequence", "token"], default="sequence",
+      help="sequence: Eq. 1's 1/G sum_i 1/|o_i| sum_t; token: one weight per token over the batch")
+    a("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 for 2B, 5e-6 for 7B")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (our choice)")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (our choice)")
+    a("--batch-size", type=int, default=1, help="questions per process per step (our choice)")
+    a("--micro-batch-size", type=int, default=2, help="completions per forward/backward; gradients accumulate")
+    a("--max-steps", type=int, default=0, help="optimisation steps (0 = one pass over the data)")
+    a("--lora-rank", type=int, default=64, help="0 = full fine-tuning of the language model (paper: LoRA, rank unstated)")
+    a("--lora-alpha", type=float, default=128, help="LoRA scale is alpha / rank (our choice)")
+    a("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    a("--attn-implementation", default="sdpa", help="sdpa, eager or flash_attention_2")
+    a("--seed", type=int, default=0)
+    a("--max-bad-video-fraction", type=float, default=0.5, help="stop when more of a batch's videos fail")
+    a("--log-completions-every", type=int, default=10, help="print one question's G completions every N steps")
+    a("--save-every", type=int, default=500, help="merged checkpoint every N steps, and at the end")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the flags; every mistake stops here, before a model is loaded."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.rewards = args.rewards or DEFAULT_REWARDS[args.prompt_mode]
+    args.reward_weights = args.reward_weights or [1.0] * len(args.rewards)
+    problems = [
+        (args.num_generations < 2, "--num-generations must be at least 2: advantages compare completions"),
+        (args.num_frames < 1, "--num-frames must be at least 1"),
+        (args.temperature <= 0, "--temperature must be positive"),
+        (min(args.batch_size, args.micro_batch_size, args.num_iterations) < 1,
+         "--batch-size, --micro-batch-size and --num-iterations must be at least 1"),
+        (args.beta < 0 or args.clip_eps <= 0, "--beta must be >= 0 and --clip-eps > 0"),
+        (len(args.reward_weights) != len(args.rewards),
+         f"--reward-weights has {len(args.reward_weights)} values for {len(args.rewards)} rewards"),
+        ("format" in args.rewards and args.prompt_mode == "vanilla",
+         "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags"),
+        (not args.data, "--data is required"),
+    ]
+    for bad, message in problems:
+        if bad:
+            parser.error(message)
+    try:
+        expand_paths(args.data)
+    except DataError as e:
+        parser.error(str(e))
+    return args
+
+
+# ============================================================================ 2. LoRA
+class LoRALinear(nn.Linear):
+    """W x + b + (alpha / r) B A x, with B = 0 at the start so training starts at the base model."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same frozen tensors, not copies
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale, self.enabled = alpha / rank, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.enabled:
+            out = out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return out
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight + self.scale * (self.lora_B @ self.lora_A)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(language_model: nn.Module, rank: int, alpha: float) -> None:
+    """Replace the attention and MLP projections of every decoder layer with LoRA layers."""
+    for name, module in list(language_model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in LORA_TARGETS and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha))
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """The reference policy pi_ref: the same weights with every adapter switched off."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of a plain Qwen2-VL: each W replaced by W + (alpha / r) B A, adapters dropped."""
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state[f"{name}.weight"] = module.merged_weight().detach()
+    return state
+
+
+# ============================================================================ 3. model, tokenizer, data
+def load_model(args, device: torch.device):
+    """Policy pi_theta (with LoRA adapters unless --lora-rank 0) and its tokenizer."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        args.model, dtype=dtype, attn_implementation=args.attn_implementation).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model.requires_grad_(False)
+    # The vision tower stays frozen in both modes, as with the paper's LoRA on the language model.
+    if args.lora_rank > 0:
+        add_lora(model.model.language_model, args.lora_rank, args.lora_alpha)
+    else:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+@dataclass
+class Batch:
+    """B questions, prompts left-padded (generation appends on the right)."""
+    samples: list[dict]
+    input_ids: torch.Tensor         # [B, P]
+    attention_mask: torch.Tensor    # [B, P]
+    pixel_values: list[torch.Tensor]  # B x [t*h*w, 3*2*14*14]
+    video_grid_thw: torch.Tensor    # [B, 3]
+
+
+def collate(samples: list[dict], videos: list, tokenizer, video_token_id: int, device) -> Batch:
+    prompts = [prompt_ids(tokenizer, question_text(s), thw, video_token_id) for s, (_, thw) in zip(samples, videos)]
+    length = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return Batch(samples, input_ids, attention_mask, [pv.to(device) for pv, _ in videos],
+                 torch.stack([thw for _, thw in videos]).to(device))
+
+
+def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator) -> tuple[list, list, list]:
+    """Decode the videos of `indices`; a failing video is reported, counted and replaced by a random row."""
+    loaded, videos, failures = [], [], []
+    candidates = list(indices)
+    while len(loaded) < len(indices):
+        if len(failures) > args.max_bad_video_fraction * len(indices):
+            raise DataError(f"{len(failures)} of {len(indices)} videos in a batch failed, over "
+                            f"--max-bad-video-fraction {args.max_bad_video_fraction}:\n  " + "\n  ".join(failures))
+        index = candidates.pop(0) if candidates else int(rng.integers(len(samples)))
+        try:
+            videos.append(load_video(samples[index]["video"], args.num_frames, args.min_pixels, args.max_pixels))
+            loaded.append(samples[index])
+        except DataError as e:
+            failures.append(f"{samples[index]['source']}: {e}")
+            print(f"warning: skipped {failures[-1]}", file=sys.stderr)
+    return loaded, videos, failures
+
+
+def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples: int, seed: int) -> list[int]:
+    """The rows process `rank` trains on at `step`: a fresh seeded shuffle of the data every epoch."""
+    positions = [(step * world + rank) * batch_size + j for j in range(batch_size)]
+    order = {}
+    for epoch in {p // num_samples for p in positions}:
+        order[epoch] = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    return [int(order[p // num_samples][p % num_samples]) for p in positions]
+
+
+# ============================================================================ 4. log-probs
+def sequence_inputs(batch: Batch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    rows: torch.Tensor, group_size: int, video_token_id: int) -> dict:
+    """Model inputs for sequences `rows` of the rollout; sequence i answers question i // G.
+
+    Each sequence gets its own question's video, in the same order as the sequences.
+    """
+    questions = rows // group_size
+    prompt = batch.input_ids[questions]                                    # [n, P]
+    input_ids = torch.cat([prompt, completion_ids[rows]], 1)               # [n, P + C]
+    # mm_token_type_ids: 2 marks video tokens (Qwen2-VL needs it for its 3-D rotary positions)
+    mm_token_type_ids = torch.cat([2 * (prompt == video_token_id), torch.zeros_like(completion_ids[rows])], 1)
+    return dict(input_ids=input_ids,
+                attention_mask=torch.cat([batch.attention_mask[questions], completion_mask[rows]], 1),
+                mm_token_type_ids=mm_token_type_ids.int(),
+                pixel_values_videos=torch.cat([batch.pixel_values[q] for q in questions.tolist()]),
+                video_grid_thw=batch.video_grid_thw[questions])
+
+
+def completion_logps(model, inputs: dict, completion_ids: torch.Tensor, temperature: float,
+                     banned_ids: list[int]) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for each completion token: [n, C].
+
+    Logits are divided by the sampling temperature and the banned tokens masked, so this is
+    the distribution the completions were sampled from.
+    """
+    num_completion = completion_ids.shape[1]
+    logits = model(**inputs, use_cache=False, logits_to_keep=num_completion + 1).logits[:, :-1]  # [n, C, V]
+    logits = logits.float() / temperature
+    logits = logits.index_fill(-1, torch.tensor(banned_ids, device=logits.device), float("-inf"))
+    token_logits = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [n, C]
+    return token_logits - logits.logsumexp(-1)
+
+
+# ============================================================================ 5. rollout
+@dataclass
+class Rollout:
+    """G completions of each of B questions: sequence i answers question i // G."""
+    batch: Batch
+    completion_ids: torch.Tensor    # [B*G, C]
+    completion_mask: torch.Tensor   # [B*G, C]: 1 up to and including the first EOS
+    completions: list[str]
+    rewards: dict[str, torch.Tensor]  # reward name -> [B*G]
+    advantages: torch.Tensor        # [B*G]
+    old_logps: torch.Tensor | None  # [B*G, C], pi_old; None when mu = 1 (then pi_old = pi_theta)
+    ref_logps: torch.Tensor | None  # [B*G, C], pi_ref; None when beta = 0
+
+
+def banned_token_ids(model) -> list[int]:
+    # A sampled video or image placeholder would break the next forward pass (features and
+    # placeholders no longer match), so the policy may not emit them; completion_logps masks
+    # the same tokens, so sampling and training see one distribution.
+    return [model.config.video_token_id, model.config.image_token_id]
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, batch: Batch, args, tokenizer) -> torch.Tensor:
+    """G sampled completions per question: [B*G, C], question-major (q0 x G, q1 x G, ...)."""
+    # Every field that shapes the distribution is set here: generate() fills unset ones from the
+    # checkpoint's generation_config.json (Qwen2-VL ships top_k=1, top_p=0.001, temperature=0.01).
+    config = GenerationConfig(
+        do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=1.0,
+        max_new_tokens=args.max_completion_length, num_return_sequences=args.num_generations,
+        eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=banned_token_ids(model))
+    video_token_id = model.config.video_token_id
+    sequences = model.generate(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        mm_token_type_ids=(2 * (batch.input_ids == video_token_id)).int(),
+        pixel_values_videos=torch.cat(batch.pixel_values), video_grid_thw=batch.video_grid_thw,
+        generation_config=config)
+    return sequences[:, batch.input_ids.shape[1]:]
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 on tokens up to and including the first EOS, 0 after it: [n, C].
+
+    Found by position, not by token id, so the EOS itself counts even when pad == EOS.
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [n, C]
+    length = completion_ids.shape[1]
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), length)  # [n]
+    return (torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]).long()
+
+
+def score(completions: list[str], samples: list[dict], names: list[str], device) -> dict[str, torch.Tensor]:
+    """Each reward's value for each completion: name -> [n]."""
+    scores = {}
+    for name in names:
+        values = REWARDS[name](completions, samples)
+        if len(values) != len(completions):
+            raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
+        scores[name] = torch.tensor(values, dtype=torch.float32, device=device)
+    return scores
+
+
+# ============================================================================ 6. advantages
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4): [B*G] -> [B*G].
+
+    A group whose rewards are all equal gets A = 0: it carries no signal, and the 1e-4 keeps
+    the division finite. std is the sample std, as in TRL's GRPO, which vsGRPO built on.
+    """
+    groups = rewards.view(-1, group_size)                                    # [B, G]
+    centred = groups - groups.mean(1, keepdim=True)
+    return (centred / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+# ============================================================================ 7. the objective (Eq. 1)
+# GRPO (DeepSeekMath, arXiv 2402.03300), as vsGRPO trains it. For question q with completions o_1..o_G:
+#
+#   J(theta) = 1/G sum_i 1/|o_i| sum_t [ min( rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i ) - beta KL_it ]
+#
+#   rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+#   KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1       (the k3 estimator, always >= 0)
+#
+# We minimise -J. The per-token part is grpo_token_loss; the 1/G sum_i 1/|o_i| sum_t is aggregate_loss.
+def grpo_token_loss(logps, old_logps, ref_logps, advantages, clip_eps: float, beta: float):
+    """-(clipped surrogate - beta * KL) per token: [n, C]; also the KL [n, C] and where the clip bites."""
+    ratio = torch.exp(logps - old_logps)                                     # rho, [n, C]
+    advantage = advantages.unsqueeze(1)                                      # A, [n, 1]
+    unclipped = ratio * advantage
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage
+    surrogate = torch.min(unclipped, clipped)
+    if ref_logps is None:                                                    # beta = 0: no reference pass
+        kl = torch.zeros_like(logps)
+    else:
+        log_ratio = ref_logps - logps                                        # log(pi_ref / pi_theta)
+        kl = torch.exp(log_ratio) - log_ratio - 1
+    return -(surrogate - beta * kl), kl, clipped < unclipped
+
+
+def aggregate_loss(token_loss, mask, aggregation: str, num_sequences: int, num_tokens: int) -> torch.Tensor:
+    """Sum of this micro-batch's share of the step's loss (the shares of all micro-batches add up to it).
+
+    sequence (Eq. 1): mean over each completion's tokens, then over all completions; short
+    completions weigh more per token. token: every token of the step weighs the same.
+    """
+    if aggregation == "sequence":
+        return ((token_loss * mask).sum(1) / mask.sum(1)).sum() / num_sequences
+    return (token_loss * mask).sum() / num_tokens
+
+
+# ============================================================================ 8. the training loop
+def reference_model(model, args):
+    """pi_ref for full fine-tuning: a frozen copy, made only when the KL term needs it."""
+    return deepcopy(model).eval().requires_grad_(False) if args.lora_rank == 0 and args.beta > 0 else None
+
+
+@torch.no_grad()
+def logps_in_chunks(model, batch, completion_ids, mask, args, chunk: int) -> torch.Tensor:
+    rows = torch.arange(len(completion_ids), device=completion_ids.device)
+    return torch.cat([completion_logps(model, sequence_inputs(batch, completion_ids, mask, r, args.num_generations,
+                                                              model.config.video_token_id),
+                                       completion_ids[r], args.temperature, banned_token_ids(model))
+                      for r in rows.split(chunk)])
+
+
+def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> Rollout:
+    """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
+    policy.eval()
+    start = time.perf_counter()
+    completion_ids = generate(policy, batch, args, tokenizer)
+    mask = completion_mask(completion_ids, eos_token_ids(policy, tokenizer))
+    timings["generation"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    lengths = mask.sum(1).tolist()
+    completions = tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)],
+                                         skip_special_tokens=True)
+    samples = [s for s in batch.samples for _ in range(args.num_generations)]
+    rewards = score(completions, samples, args.rewards, completion_ids.device)
+    total = sum(w * rewards[name] for name, w in zip(args.rewards, args.reward_weights))
+    advantages = group_advantages(total, args.num_generations)
+    timings["scoring"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    chunk = args.micro_batch_size
+    old_logps = logps_in_chunks(policy, batch, completion_ids, mask, args, chunk) if args.num_iterations > 1 else None
+    ref_logps = None
+    if args.beta > 0:
+        if ref_model is not None:
+            ref_logps = logps_in_chunks(ref_model, batch, completion_ids, mask, args, chunk)
+        else:
+            with lora_disabled(policy):
+                ref_logps = logps_in_chunks(policy, batch, completion_ids, mask, args, chunk)
+    timings["logprob_passes"] = time.perf_counter() - start
+    rewards["total"] = total
+    return Rollout(batch, completion_ids, mask, completions, rewards, advantages, old_logps, ref_logps)
+
+
+def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
+    """mu optimiser steps on one rollout batch, gradients accumulated over micro-batches."""
+    policy.train()  # only switches gradient checkpointing on: Qwen2-VL and our LoRA have no dropout
+    num_sequences, num_tokens = len(ro.completion_ids), int(ro.completion_mask.sum())
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    chunks = torch.arange(num_sequences, device=ro.completion_ids.device).split(args.micro_batch_size)
+    stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+    for _ in range(args.num_iterations):
+        for i, rows in enumerate(chunks):
+            mask = ro.completion_mask[rows].float()                          # [n, C]
+            # DDP averages gradients across processes once, at the last micro-batch.
+            with accelerator.no_sync(model) if i < len(chunks) - 1 else nullcontext():
+                inputs = sequence_inputs(ro.batch, ro.completion_ids, ro.completion_mask, rows,
+                                         args.num_generations, policy.config.video_token_id)
+                logps = completion_logps(model, inputs, ro.completion_ids[rows], args.temperature,
+                                         banned_token_ids(policy))
+                old_logps = logps.detach() if ro.old_logps is None else ro.old_logps[rows]
+                ref_logps = None if ro.ref_logps is None else ro.ref_logps[rows]
+                token_loss, kl, clipped = grpo_token_loss(logps, old_logps, ref_logps, ro.advantages[rows],
+                                                          args.clip_eps, args.beta)
+                loss = aggregate_loss(token_loss, mask, args.loss_aggregation, num_sequences, num_tokens)
+                accelerator.backward(loss)
+            stats["loss"] += loss.item() / args.num_iterations
+            stats["kl"] += (kl * mask).sum().item() / num_tokens / args.num_iterations
+            stats["clip_fraction"] += (clipped * mask).sum().item() / num_tokens / args.num_iterations
+        stats["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def step_metrics(ro: Rollout, args, timings: dict, stats: dict, num_bad: int, lr: float) -> dict:
+    lengths = ro.completion_mask.sum(1).float()
+    truncated = ro.completion_mask[:, -1].bool() & (lengths == ro.completion_ids.shape[1])
+    truncated &= ~torch.isin(ro.completion_ids[:, -1], torch.tensor(args.eos_ids, device=lengths.device))
+    groups = ro.rewards["total"].view(-1, args.num_generations)
+    metrics = {**stats, "reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
+               "zero_std_fraction": (groups.std(1) == 0).float().mean().item(),
+               "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
+               "truncated_fraction": truncated.float().mean().item(), "bad_videos": float(num_bad),
+               "learning_rate": lr, "tokens_per_s": lengths.sum().item() / max(sum(timings.values()), 1e-9)}
+    metrics.update({f"reward_{name}": ro.rewards[name].mean().item() for name in args.rewards})
+    metrics.update({f"seconds_{phase}": t for phase, t in timings.items()})
+    return metrics
+
+
+def average_over_processes(accelerator, metrics: dict) -> dict:
+    """Mean over processes (max for maxima, sum for counts)."""
+    values = accelerator.gather(torch.tensor(list(metrics.values()), device=accelerator.device)[None])  # [W, k]
+    out = {}
+    for (key, _), column in zip(metrics.items(), values.T):
+        reduce = torch.max if key.endswith("_max") else torch.sum if key == "bad_videos" else torch.mean
+        out[key] = reduce(column).item()
+    return out
+
+
+def progress(step: int, total: int, elapsed: float) -> str:
+    done = int(20 * step / total)
+    eta = elapsed / step * (total - step)
+    return f"[{'#' * done}{'.' * (20 - done)}] {step}/{total} {elapsed / step:.1f}s/step eta {eta / 60:.1f}min"
+
+
+def print_completions(ro: Rollout, args) -> None:
+    sample = ro.batch.samples[0]
+    print(f"\n--- {sample['source']}: {sample['question']!r} (answer: {sample['answer']})")
+    for i in range(args.num_generations):
+        rewards = " ".join(f"{name}={ro.rewards[name][i].item():.2f}" for name in args.rewards)
+        print(f"  [{rewards} A={ro.advantages[i].item():+.2f}] {ro.completions[i]!r}")
+
+
+def save_checkpoint(policy, tokenizer, path: str) -> None:
+    """A merged, plain Qwen2-VL checkpoint that from_pretrained loads, tokenizer beside it."""
+    policy.save_pretrained(path, state_dict=merged_state_dict(policy))
+    tokenizer.save_pretrained(path)
+
+
+def make_accelerator() -> Accelerator:
+    # Accelerator() alone picks no process group on CPU, so each process would train alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise RuntimeError(f"launched {expected} processes but accelerate sees {accelerator.num_processes}")
+    return accelerator
+
+
+def train(args) -> None:
+    samples = load_samples(args.data, args.video_root, args.prompt_mode)
+    accelerator = make_accelerator()
+    set_seed(args.seed)  # same LoRA initialisation on every process
+    model, tokenizer = load_model(args, accelerator.device)
+    args.eos_ids = eos_token_ids(model, tokenizer)
+    ref_model = reference_model(model, args)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=args.learning_rate, weight_decay=args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    policy = accelerator.unwrap_model(model)
+    set_seed(args.seed, device_specific=True)  # but different samples on each process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    steps = args.max_steps or max(1, len(samples) // (args.batch_size * world))
+    os.makedirs(args.output_dir, exist_ok=True)
+    if accelerator.is_main_process:
+        print(f"{len(samples)} questions, {world} process(es), {steps} steps of "
+              f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}")
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        timings = {}
+        start = time.perf_counter()
+        indices = batch_indices(step - 1, rank, world, args.batch_size, len(samples), args.seed)
+        rng = np.random.default_rng([args.seed, step, rank])
+        loaded, videos, failures = load_batch(samples, indices, args, rng)
+        batch = collate(loaded, videos, tokenizer, policy.config.video_token_id, accelerator.device)
+        timings["video_loading"] = time.perf_counter() - start
+        ro = rollout(policy, ref_model, batch, args, tokenizer, timings)
+        start = time.perf_counter()
+        stats = optimise(model, policy, optimizer, accelerator, ro, args)
+        timings["optimisation"] = time.perf_counter() - start
+        metrics = average_over_processes(
+            accelerator, step_metrics(ro, args, timings, stats, len(failures), optimizer.param_groups[0]["lr"]))
+        if accelerator.is_main_process:
+            log_step(args, step, steps, metrics, time.perf_counter() - started)
+            if args.log_completions_every and step % args.log_completions_every == 0:
+                print_completions(ro, args)
+        if step % args.save_every == 0 or step == steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(policy, tokenizer, os.path.join(args.output_dir, f"checkpoint-{step:06d}"))
+    accelerator.end_training()
+
+
+def log_step(args, step: int, steps: int, metrics: dict, elapsed: float) -> None:
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    print(f"{progress(step, steps, elapsed)} loss {metrics['loss']:+.4f} reward {metrics['reward']:.3f} "
+          f"kl {metrics['kl']:.2e} len {metrics['completion_length']:.0f} zero-std {metrics['zero_std_fraction']:.2f}",
+          flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
