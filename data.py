@@ -115,35 +115,34 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str) -> list
 
 
 # ----------------------------------------------------------------------------- video
-def frame_indices(num_available: int, num_frames: int) -> list[int]:
-    """`num_frames` indices spread evenly from the first frame to the last (repeats when short)."""
-    return np.linspace(0, num_available - 1, num_frames).round().astype(int).tolist()
+def sample_times(times: np.ndarray, num_frames: int) -> np.ndarray:
+    """The frame timestamps nearest to `num_frames` instants spread evenly from first to last frame.
+
+    By time, not frame number, so variable-frame-rate video is sampled evenly too; a video with
+    fewer frames than asked repeats some.
+    """
+    instants = np.linspace(times[0], times[-1], num_frames)
+    return times[np.abs(times[None, :] - instants[:, None]).argmin(1)]
 
 
 def read_frames(path: str, num_frames: int) -> np.ndarray:
-    """Decode `num_frames` frames spread uniformly in time over the whole video: [T, H, W, 3] uint8.
-
-    Sampling is by presentation time, not frame number, so variable-frame-rate videos are
-    sampled evenly too: first demux to learn every frame's timestamp, then decode.
-    """
+    """Decode `num_frames` frames spread uniformly in time over the whole video: [T, H, W, 3] uint8."""
     if not os.path.isfile(path):
         raise DataError(f"video not found: {path}")
     try:
         with av.open(path) as container:
-            times = sorted(p.pts for p in container.demux(video=0) if p.pts is not None)
-            if not times:
+            # Demuxing reads every frame's timestamp without decoding; then decode once, keeping the chosen.
+            times = np.array(sorted(p.pts for p in container.demux(video=0) if p.pts is not None))
+            if len(times) == 0:
                 raise DataError(f"video has no frames: {path}")
-            wanted = [times[i] for i in frame_indices(len(times), num_frames)]
+            wanted = sample_times(times, num_frames).tolist()
             container.seek(0)
-            decoded = {}
-            for frame in container.decode(video=0):
-                if frame.pts in wanted:
-                    decoded[frame.pts] = frame.to_ndarray(format="rgb24")
+            decoded = {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(video=0) if f.pts in wanted}
     except (av.FFmpegError, IndexError, ValueError) as e:
         raise DataError(f"cannot decode video {path}: {e}") from None
-    missing = [t for t in wanted if t not in decoded]
+    missing = set(wanted) - set(decoded)
     if missing:
-        raise DataError(f"cannot decode video {path}: {len(set(missing))} frame(s) unreadable (truncated file?)")
+        raise DataError(f"cannot decode video {path}: {len(missing)} frame(s) unreadable (truncated file?)")
     return np.stack([decoded[t] for t in wanted])
 
 
@@ -167,20 +166,24 @@ PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2  # Qwen2-VL's vision tower
 
 
 def video_patches(frames: np.ndarray, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frames [T, H, W, 3] uint8 to (pixel_values_videos [t*h*w, 3*2*14*14], video_grid_thw [3]).
-
-    t, h, w count patches: t = ceil(T / 2) temporal pairs, h = H' / 14, w = W' / 14 after resizing.
-    """
+    """Frames [T, H, W, 3] uint8 to (pixel_values_videos [t*h*w, 3*2*14*14], video_grid_thw [3])."""
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
     height, width = smart_resize(video.shape[2], video.shape[3], min_pixels, max_pixels)
     # Bicubic with antialiasing, as the reference processor (torchvision) resizes.
     video = F.interpolate(video, size=(height, width), mode="bicubic", antialias=True).clamp(0, 255)
-    video = (video / 255 - CLIP_MEAN) / CLIP_STD
-    if len(video) % TEMPORAL_PATCH:  # the tower takes frames in pairs: repeat the last one
+    return patchify((video / 255 - CLIP_MEAN) / CLIP_STD)
+
+
+def patchify(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 3, H, W] (H, W multiples of 28) to ([t*h*w, 3*2*14*14], [t, h, w]) in patch units.
+
+    t = ceil(T / 2): the tower embeds frames in pairs, so an odd last frame is repeated.
+    Rows are ordered so that each 2x2 block of patches the merger fuses into one token is contiguous.
+    """
+    if len(video) % TEMPORAL_PATCH:
         video = torch.cat([video, video[-1:]])
-    t, h, w = len(video) // TEMPORAL_PATCH, height // PATCH, width // PATCH
-    # Patches are ordered so that each 2x2 block the merger fuses into one token is contiguous.
-    patches = video.view(t, TEMPORAL_PATCH, 3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
+    t, h, w = len(video) // TEMPORAL_PATCH, video.shape[2] // PATCH, video.shape[3] // PATCH
+    patches = video.reshape(t, TEMPORAL_PATCH, 3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
     patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [t, h/2, w/2, 2, 2, 3, 2, 14, 14]
     return patches.reshape(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH), torch.tensor([t, h, w])
 

@@ -285,22 +285,25 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-@torch.no_grad()
-def generate(model, batch: Batch, args, tokenizer) -> torch.Tensor:
-    """G sampled completions per question: [B*G, C], question-major (q0 x G, q1 x G, ...)."""
+def generation_config(model, tokenizer, args) -> GenerationConfig:
+    """Sampling from the policy itself: temperature only, unless --top-k / --top-p ask for more."""
     # Every field that shapes the distribution is set here: generate() fills unset ones from the
     # checkpoint's generation_config.json (Qwen2-VL ships top_k=1, top_p=0.001, temperature=0.01).
-    config = GenerationConfig(
+    return GenerationConfig(
         do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=1.0,
         max_new_tokens=args.max_completion_length, num_return_sequences=args.num_generations,
         eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=banned_token_ids(model))
-    video_token_id = model.config.video_token_id
+
+
+@torch.no_grad()
+def generate(model, batch: Batch, args, tokenizer) -> torch.Tensor:
+    """G sampled completions per question: [B*G, C], question-major (q0 x G, q1 x G, ...)."""
     sequences = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        mm_token_type_ids=(2 * (batch.input_ids == video_token_id)).int(),
+        mm_token_type_ids=(2 * (batch.input_ids == model.config.video_token_id)).int(),
         pixel_values_videos=torch.cat(batch.pixel_values), video_grid_thw=batch.video_grid_thw,
-        generation_config=config)
+        generation_config=generation_config(model, tokenizer, args))
     return sequences[:, batch.input_ids.shape[1]:]
 
 
@@ -506,7 +509,8 @@ def make_accelerator() -> Accelerator:
     return accelerator
 
 
-def train(args) -> None:
+def train(args) -> nn.Module:
+    """The whole run; returns the trained policy (unwrapped)."""
     samples = load_samples(args.data, args.video_root, args.prompt_mode)
     accelerator = make_accelerator()
     set_seed(args.seed)  # same LoRA initialisation on every process
@@ -548,6 +552,7 @@ def train(args) -> None:
             if accelerator.is_main_process:
                 save_checkpoint(policy, tokenizer, os.path.join(args.output_dir, f"checkpoint-{step:06d}"))
     accelerator.end_training()
+    return policy
 
 
 def log_step(args, step: int, steps: int, metrics: dict, elapsed: float) -> None:
