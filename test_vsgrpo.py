@@ -344,3 +344,226 @@ def test_prompt_from_the_chat_template_equals_the_built_in_qwen2vl_format(synthe
     built_in = data.prompt_ids(tokenizer, "Is the lamp left?", thw, video_id)
     tokenizer.chat_template = QWEN2VL_TEMPLATE
     assert data.prompt_ids(tokenizer, "Is the lamp left?", thw, video_id) == built_in
+
+
+# ----------------------------------------------------------------------------- model: LoRA and log-probs
+def load_tiny(synthetic, lora_rank=4):
+    args = make_args(synthetic, "--lora-rank", str(lora_rank), "--lora-alpha", "8")
+    model, tokenizer = vsgrpo.load_model(args, torch.device("cpu"))
+    return args, model.eval(), tokenizer
+
+
+def batch_of(synthetic, rows, args, tokenizer, model):
+    samples = data.load_samples([synthetic["data"]], synthetic["videos"], args.prompt_mode)
+    picked = [samples[i] for i in rows]
+    videos = [data.load_video(s["video"], args.num_frames, args.min_pixels, args.max_pixels) for s in picked]
+    return vsgrpo.collate(picked, videos, tokenizer, model.config.video_token_id, "cpu")
+
+
+def logits_of(model, batch):
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 mm_token_type_ids=(2 * (batch.input_ids == model.config.video_token_id)).int(),
+                 pixel_values_videos=torch.cat(batch.pixel_values), video_grid_thw=batch.video_grid_thw).logits
+
+
+def test_lora_at_initialisation_and_switched_off_equals_the_base_model(synthetic):
+    args, base, tokenizer = load_tiny(synthetic, lora_rank=0)
+    _, lora, _ = load_tiny(synthetic, lora_rank=4)
+    batch = batch_of(synthetic, [0, 1], args, tokenizer, base)
+    with torch.no_grad():
+        expected = logits_of(base, batch)
+        assert torch.equal(logits_of(lora, batch), expected)             # B = 0: no change at all
+        for layer in lora.modules():
+            if isinstance(layer, vsgrpo.LoRALinear):
+                layer.lora_B.normal_()
+        assert not torch.allclose(logits_of(lora, batch), expected, atol=1e-3)
+        with vsgrpo.lora_disabled(lora):
+            assert torch.equal(logits_of(lora, batch), expected)
+
+
+def test_lora_wraps_every_attention_and_mlp_projection_of_the_language_model_only(synthetic):
+    _, lora, _ = load_tiny(synthetic)
+    wrapped = {n for n, m in lora.named_modules() if isinstance(m, vsgrpo.LoRALinear)}
+    assert len(wrapped) == 2 * 7 and all(".language_model.layers." in n for n in wrapped)
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}" for n in wrapped for ab in "AB"}
+
+
+def test_merged_checkpoint_gives_the_adapter_models_logits(synthetic, tmp_path):
+    args, lora, tokenizer = load_tiny(synthetic)
+    torch.manual_seed(1)
+    for layer in lora.modules():
+        if isinstance(layer, vsgrpo.LoRALinear):
+            layer.lora_B.data.normal_(std=0.1)
+    vsgrpo.save_checkpoint(lora, tokenizer, str(tmp_path / "merged"))
+    merged = vsgrpo.Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "merged")).eval()
+    assert not any(isinstance(m, vsgrpo.LoRALinear) for m in merged.modules())
+    batch = batch_of(synthetic, [0, 1], args, tokenizer, lora)
+    with torch.no_grad():
+        assert torch.allclose(logits_of(merged, batch), logits_of(lora, batch), atol=1e-5)
+
+
+def test_sampling_and_training_log_probs_agree_on_a_left_padded_batch(synthetic):
+    args, model, tokenizer = load_tiny(synthetic)
+    # A checkpoint's own sampling defaults (Qwen2-VL ships these) must not leak into sampling.
+    model.generation_config.update(top_k=1, top_p=0.001, temperature=0.01, repetition_penalty=1.5)
+    args.temperature, args.num_generations = 0.7, 3
+    batch = batch_of(synthetic, [0, 1], args, tokenizer, model)        # two videos, two questions
+    assert batch.attention_mask[:, 0].tolist().count(0) == 1          # one prompt is left-padded
+    config = vsgrpo.generation_config(model, tokenizer, args)
+    config.update(output_scores=True, return_dict_in_generate=True)
+    torch.manual_seed(0)
+    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         mm_token_type_ids=(2 * (batch.input_ids == model.config.video_token_id)).int(),
+                         pixel_values_videos=torch.cat(batch.pixel_values), video_grid_thw=batch.video_grid_thw,
+                         generation_config=config)
+    completion_ids = out.sequences[:, batch.input_ids.shape[1]:]
+    sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    mask = vsgrpo.completion_mask(completion_ids, vsgrpo.eos_token_ids(model, tokenizer))
+    rows = torch.arange(6)
+    inputs = vsgrpo.sequence_inputs(batch, completion_ids, mask, rows, 3, model.config.video_token_id)
+    with torch.no_grad():
+        trained = vsgrpo.completion_logps(model, inputs, completion_ids, 0.7, vsgrpo.banned_token_ids(model))
+    assert mask.sum() > 6
+    assert ((trained - sampled).abs() * mask).max() < 1e-5
+
+
+def test_reference_log_probs_see_the_video(synthetic):
+    args, model, tokenizer = load_tiny(synthetic)
+    batch = batch_of(synthetic, [0], args, tokenizer, model)
+    ids = torch.tensor([[5, 6, 7]])
+    inputs = vsgrpo.sequence_inputs(batch, ids, torch.ones_like(ids), torch.tensor([0]), 1, model.config.video_token_id)
+    blank = dict(inputs, pixel_values_videos=torch.zeros_like(inputs["pixel_values_videos"]))
+    with torch.no_grad(), vsgrpo.lora_disabled(model):
+        seen = vsgrpo.completion_logps(model, inputs, ids, 1.0, [])
+        blind = vsgrpo.completion_logps(model, blank, ids, 1.0, [])
+    assert (seen - blind).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- data and flags
+def test_rows_load_from_json_lists_and_jsonl_in_either_field_style(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"id": 1, "question": "How many?", "ground_truth": "3",
+                                                  "question_type": "object_counting", "dataset": "scannet",
+                                                  "scene_name": "scene0001_00"}]))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"problem": "Left or right?", "solution": "<answer> left </answer>",
+                                                  "path": "clips/x.mp4"}) + "\n\n")
+    samples = data.load_samples([str(tmp_path / "*.json*")], "/videos", "think")
+    assert [(s["question"], s["answer"], s["kind"], s["video"]) for s in samples] == [
+        ("How many?", "3", "numeric", "/videos/scannet/scene0001_00.mp4"),
+        ("Left or right?", "left", "word", "/videos/clips/x.mp4")]
+
+
+def test_a_row_missing_a_field_names_the_file_the_row_and_the_field(tmp_path):
+    rows = [{"question": "q", "ground_truth": "1", "path": "a.mp4"}, {"question": "q", "path": "b.mp4"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(data.DataError, match=r"rows\.jsonl row 2: missing field 'ground_truth'"):
+        data.load_samples([str(tmp_path / "rows.jsonl")], ".", "vanilla")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-G", "1"], "--num-generations must be at least 2"),
+    (["--rewards", "nonsense"], "invalid choice: 'nonsense'"),
+    (["--num-frames", "0"], "--num-frames must be at least 1"),
+    (["--rewards", "accuracy", "format"], "the format reward needs --prompt-mode think or observe"),
+    (["--reward-weights", "1", "2"], "--reward-weights has 2 values for 1 rewards"),
+])
+def test_bad_flags_stop_with_a_clear_message_before_any_model_is_loaded(synthetic, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.parse_args(["--model", "/nonexistent/model", "--data", synthetic["data"], *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_data_path_that_does_not_exist_is_a_flag_error(capsys):
+    with pytest.raises(SystemExit):
+        vsgrpo.parse_args(["--data", "/nonexistent/vsi100k/*.json"])
+    assert "no data file matches '/nonexistent/vsi100k/*.json'" in capsys.readouterr().err
+
+
+def test_bad_videos_are_reported_skipped_counted_and_replaced(synthetic, capsys):
+    args = make_args(synthetic, "--max-bad-video-fraction", "0.5")
+    samples = data.load_samples([synthetic["data"]], synthetic["videos"], "vanilla")
+    samples[1] = dict(samples[1], video="/missing/one.mp4")
+    loaded, videos, failures = vsgrpo.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0))
+    assert len(loaded) == len(videos) == 4 and len(failures) == 1
+    assert samples[1] not in loaded and "/missing/one.mp4" in capsys.readouterr().err
+    samples[2] = dict(samples[2], video="/missing/two.mp4")
+    samples[3] = dict(samples[3], video="/missing/three.mp4")
+    with pytest.raises(data.DataError, match="3 of 4 videos in a batch failed"):
+        vsgrpo.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0))
+
+
+def test_each_process_takes_different_questions_and_an_epoch_covers_all_once():
+    seen = [i for step in range(3) for rank in range(2) for i in vsgrpo.batch_indices(step, rank, 2, 2, 12, 0)]
+    assert sorted(seen) == list(range(12))
+    assert vsgrpo.batch_indices(3, 0, 2, 2, 12, 0) != vsgrpo.batch_indices(0, 0, 2, 2, 12, 0)  # reshuffled
+
+
+# ----------------------------------------------------------------------------- end to end
+# A reward that favours one simple behaviour (writing digits), registered the way a fork adds one.
+@rewards.reward("digits")
+def digit_share(completions: list[str], samples: list[dict]) -> list[float]:
+    return [sum(w.isdigit() for w in c.split()) / max(1, len(c.split())) for c in completions]
+
+
+def training_flags(synthetic, out_dir, *extra):
+    return ["--model", synthetic["model"], "--data", synthetic["data"], "--video-root", synthetic["videos"],
+            "--output-dir", str(out_dir), "-G", "4", "--batch-size", "2", "--num-frames", "4",
+            "--max-pixels", str(56 * 56), "--max-completion-length", "6", "--rewards", "digits",
+            "--lora-rank", "4", "--learning-rate", "1e-2", "--log-completions-every", "2", *extra]
+
+
+def test_training_end_to_end_in_one_process(synthetic, tmp_path, capsys):
+    policy = vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "3", "--save-every", "2"))
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for key in ("loss", "reward", "reward_std", "reward_digits", "zero_std_fraction", "kl", "clip_fraction",
+                "completion_length", "completion_length_max", "truncated_fraction", "learning_rate",
+                "seconds_generation", "seconds_scoring", "seconds_logprob_passes", "seconds_optimisation",
+                "tokens_per_s"):
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    assert "A=" in capsys.readouterr().out                    # completions printed at step 2
+    base = Qwen2VLForConditionalGeneration.from_pretrained(synthetic["model"]).state_dict()
+    trained = policy.state_dict()
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if k.endswith("lora_B"))
+    assert all(torch.equal(trained[k], v) for k, v in base.items())        # base weights untouched
+    for step in ("000002", "000003"):
+        merged = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / f"checkpoint-{step}"))
+        assert os.path.exists(tmp_path / f"checkpoint-{step}" / "tokenizer.json")
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[q_proj], base[q_proj])
+
+
+def test_training_raises_the_reward_it_is_given(synthetic, tmp_path):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "16", "-G", "8", "--lora-rank", "0",
+                           "--log-completions-every", "0", "--save-every", "100")
+    vsgrpo.main(flags)
+    reward = [json.loads(line)["reward"] for line in open(tmp_path / "metrics.jsonl")]
+    first, last = np.mean(reward[:4]), np.mean(reward[-4:])
+    assert last > first + 0.15, reward
+
+
+LAUNCHED = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import rewards, vsgrpo
+rewards.reward("digits")(lambda completions, samples: [c.count(" ") / 10 for c in completions])
+policy = vsgrpo.main(sys.argv[1:])
+torch.save({{k: v for k, v in policy.state_dict().items() if "lora_" in k}},
+           os.path.join(sys.argv[sys.argv.index("--output-dir") + 1], f"rank{{os.environ['RANK']}}.pt"))
+"""
+
+
+def test_two_processes_under_accelerate_launch_end_with_identical_weights(synthetic, tmp_path):
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED.format(here=HERE))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+               *training_flags(synthetic, tmp_path / "run", "--max-steps", "2", "--save-every", "100")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    rank0, rank1 = (torch.load(tmp_path / "run" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 2

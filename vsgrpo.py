@@ -253,7 +253,7 @@ def completion_logps(model, inputs: dict, completion_ids: torch.Tensor, temperat
     num_completion = completion_ids.shape[1]
     logits = model(**inputs, use_cache=False, logits_to_keep=num_completion + 1).logits[:, :-1]  # [n, C, V]
     logits = logits.float() / temperature
-    logits = logits.index_fill(-1, torch.tensor(banned_ids, device=logits.device), float("-inf"))
+    logits = logits.index_fill(-1, torch.tensor(banned_ids, dtype=torch.long, device=logits.device), float("-inf"))
     token_logits = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [n, C]
     return token_logits - logits.logsumexp(-1)
 
@@ -563,10 +563,10 @@ def log_step(args, step: int, steps: int, metrics: dict, elapsed: float) -> None
           flush=True)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> nn.Module:
     args = parse_args(argv)
     try:
-        train(args)
+        return train(args)
     except DataError as e:
         sys.exit(f"error: {e}")
 
