@@ -88,6 +88,8 @@ def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> d
     question_type = str(row.get("question_type", row.get("problem_type", "")))
     # Numeric iff VSI-Bench scores the type with MRA; an untyped row is numeric if its answer is a number.
     numeric = question_type in NUMERIC_TYPES or (not question_type and _is_number(answer))
+    if numeric and not _is_number(answer):
+        raise DataError(f"{where}: answer {answer!r} of numeric question type {question_type!r} is not a number")
     return {
         "id": str(row.get("id", where)), "question": str(first_field(row, FIELDS["question"], where)),
         "answer": answer, "question_type": question_type, "kind": "numeric" if numeric else "word",
@@ -216,6 +218,21 @@ def prompt_ids(tokenizer, text: str, video_grid_thw: torch.Tensor, video_token_i
     at = ids.index(video_token_id)
     num_video_tokens = int(video_grid_thw.prod()) // MERGE**2
     return ids[:at] + [video_token_id] * num_video_tokens + ids[at + 1:]
+
+
+def benchmark_prompt(sample: dict, prompt_mode: str) -> str:
+    """VSI-Bench's prompt: pre-prompt, question, options one per line, post-prompt.
+
+    vanilla is the benchmark's own protocol; think / observe swap in the training instruction
+    (the paper's T and O columns).
+    """
+    lines = ["These are frames of a video.", sample["question"]]
+    if sample["question_type"] in NUMERIC_TYPES:
+        post = "Please answer the question using a single word or phrase."
+    else:
+        lines += ["Options:"] + sample["options"]
+        post = "Answer with the option's letter from the given choices directly."
+    return "\n".join(lines + [post if prompt_mode == "vanilla" else PROMPTS[prompt_mode]])
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -116,3 +116,45 @@ FORMATS = {
 def format_reward(completions: list[str], samples: list[dict]) -> list[float]:
     """1 if the completion is exactly <think>...</think><answer>...</answer> (or <observe>), else 0."""
     return [float(FORMATS[s["prompt_mode"]].fullmatch(c) is not None) for c, s in zip(completions, samples)]
+
+
+# ----------------------------------------------------------------------------- VSI-Bench scoring
+# The benchmark's tasks in the paper's column order: task -> question types (Rel. Dir. is three
+# types whose scores are averaged into one).
+BENCHMARK_TASKS = {
+    "Count": ["object_counting"], "AbsDist": ["object_abs_distance"], "ObjSize": ["object_size_estimation"],
+    "RoomSize": ["room_size_estimation"], "RelDist": ["object_rel_distance"],
+    "RelDir": ["object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard"],
+    "Route": ["route_planning"], "Order": ["obj_appearance_order"],
+}
+BENCHMARK_TYPES = {t for types in BENCHMARK_TASKS.values() for t in types}
+
+
+def clean_prediction(raw: str, prompt_mode: str = "vanilla") -> str:
+    """VSI-Bench's clean-up: the text up to the first space, trailing periods stripped.
+
+    In think / observe mode the <answer> content is cleaned instead of the whole output.
+    """
+    text = raw if prompt_mode == "vanilla" else extract_answer(raw, prompt_mode)
+    return text.split(" ")[0].rstrip(".").strip()
+
+
+def benchmark_score(prediction: str, sample: dict) -> float:
+    """A cleaned prediction's score: MRA for numeric types, case-insensitive letter match otherwise."""
+    if sample["kind"] == "numeric":
+        return answer_score(prediction, sample)
+    return float(prediction.lower() == str(sample["answer"]).lower())
+
+
+def task_scores(predictions: list[dict]) -> dict[str, float]:
+    """Mean score per task (Rel. Dir.: mean of its three types) and the unweighted mean of the tasks."""
+    by_type: dict[str, list[float]] = {}
+    for p in predictions:
+        by_type.setdefault(p["question_type"], []).append(p["score"])
+    scores = {}
+    for task, types in BENCHMARK_TASKS.items():
+        type_means = [float(np.mean(by_type[t])) for t in types if t in by_type]
+        if type_means:
+            scores[task] = float(np.mean(type_means))
+    scores["Avg"] = float(np.mean(list(scores.values()))) if scores else 0.0
+    return scores

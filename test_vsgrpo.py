@@ -357,7 +357,8 @@ def batch_of(synthetic, rows, args, tokenizer, model):
     samples = data.load_samples([synthetic["data"]], synthetic["videos"], args.prompt_mode)
     picked = [samples[i] for i in rows]
     videos = [data.load_video(s["video"], args.num_frames, args.min_pixels, args.max_pixels) for s in picked]
-    return vsgrpo.collate(picked, videos, tokenizer, model.config.video_token_id, "cpu")
+    return vsgrpo.collate(picked, [data.question_text(s) for s in picked], videos, tokenizer,
+                          model.config.video_token_id, "cpu")
 
 
 def logits_of(model, batch):
@@ -453,6 +454,13 @@ def test_rows_load_from_json_lists_and_jsonl_in_either_field_style(tmp_path):
         ("Left or right?", "left", "word", "/videos/clips/x.mp4")]
 
 
+def test_a_numeric_question_with_a_non_numeric_answer_names_the_row(tmp_path):
+    rows = [{"question": "How many?", "ground_truth": "three", "question_type": "object_counting", "path": "a.mp4"}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    with pytest.raises(data.DataError, match=r"rows\.json row 1: answer 'three' of numeric question type"):
+        data.load_samples([str(tmp_path / "rows.json")], ".", "vanilla")
+
+
 def test_a_row_missing_a_field_names_the_file_the_row_and_the_field(tmp_path):
     rows = [{"question": "q", "ground_truth": "1", "path": "a.mp4"}, {"question": "q", "path": "b.mp4"}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -513,9 +521,13 @@ def training_flags(synthetic, out_dir, *extra):
 
 
 def test_training_end_to_end_in_one_process(synthetic, tmp_path, capsys):
-    policy = vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "3", "--save-every", "2"))
+    write_benchmark_rows(synthetic, tmp_path / "held_out.jsonl")
+    policy = vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "3", "--save-every", "2",
+                                        "--eval-data", str(tmp_path / "held_out.jsonl"), "--eval-video-root",
+                                        synthetic["videos"], "--eval-every", "3", "--eval-limit", "4"))
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert "eval_avg" not in metrics[1] and 0 <= metrics[2]["eval_avg"] <= 1
     for key in ("loss", "reward", "reward_std", "reward_digits", "zero_std_fraction", "kl", "clip_fraction",
                 "completion_length", "completion_length_max", "truncated_fraction", "learning_rate",
                 "seconds_generation", "seconds_scoring", "seconds_logprob_passes", "seconds_optimisation",
@@ -567,3 +579,127 @@ def test_two_processes_under_accelerate_launch_end_with_identical_weights(synthe
     assert rank0.keys() == rank1.keys() and any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 2
+
+
+# ----------------------------------------------------------------------------- VSI-Bench evaluation
+def test_benchmark_clean_up_takes_the_first_word_without_trailing_periods():
+    assert rewards.clean_prediction("B. chair") == "B"
+    assert rewards.clean_prediction("B.") == "B"
+    assert rewards.clean_prediction("3.5 meters") == "3.5"
+    assert rewards.clean_prediction("<think>it is B</think><answer>C. sofa</answer>", "think") == "C"
+
+
+@pytest.mark.parametrize("raw, expected", [("B.", 1.0), ("b", 1.0), ("B. chair", 1.0), ("C", 0.0), ("chair", 0.0)])
+def test_multiple_choice_is_a_case_insensitive_letter_match(raw, expected):
+    sample = {"kind": "word", "answer": "B"}
+    assert rewards.benchmark_score(rewards.clean_prediction(raw), sample) == expected
+
+
+def test_numeric_benchmark_answers_score_mra_and_unparseable_ones_zero():
+    sample = {"kind": "numeric", "answer": "10"}
+    assert rewards.benchmark_score(rewards.clean_prediction("15. metres"), sample) == pytest.approx(0.1)
+    assert rewards.benchmark_score(rewards.clean_prediction("10.5"), sample) == pytest.approx(1.0)
+    assert rewards.benchmark_score(rewards.clean_prediction("ten"), sample) == 0.0
+
+
+def test_task_scores_average_rel_direction_types_then_tasks_unweighted():
+    rows = [("object_counting", 1.0), ("object_counting", 0.0), ("object_counting", 0.5),
+            ("object_rel_direction_easy", 1.0), ("object_rel_direction_easy", 1.0),
+            ("object_rel_direction_medium", 0.0), ("object_rel_direction_hard", 1.0)]
+    scores = rewards.task_scores([{"question_type": t, "score": s} for t, s in rows])
+    assert scores["Count"] == pytest.approx(0.5)
+    assert scores["RelDir"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)     # not 3/4 pooled
+    assert scores["Avg"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def write_benchmark_rows(synthetic, path, answers: dict | None = None) -> list[dict]:
+    """23 rows in VSI-Bench's format: all ten question types over the synthetic videos, and two bad rows.
+
+    `answers` overrides ground truths by id.
+    """
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, question_type in enumerate(sorted(rewards.BENCHMARK_TYPES) * 2 + ["object_counting"]):
+        row = {"id": i, "dataset": "synthetic", "scene_name": f"train_{i % 12:05d}", "question_type": question_type,
+               "question": f"How many chairs are there? ({question_type})"}
+        if question_type in data.NUMERIC_TYPES:
+            row.update(ground_truth=str(int(rng.integers(1, 9))), options=None)
+        else:
+            row.update(ground_truth=str(rng.choice(list("ABCD"))),
+                       options=["A. chair", "B. table", "C. sofa", "D. lamp"])
+        rows.append(row)
+    for row in rows:
+        row["ground_truth"] = (answers or {}).get(str(row["id"]), row["ground_truth"])
+    rows.append(dict(rows[0], id=100, question_type="object_colour"))              # unknown type
+    rows.append(dict(rows[0], id=101, scene_name="no_such_scene"))                  # missing video
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
+
+
+def eval_flags(synthetic, rows_path, out_dir):
+    return ["--eval-only", "--model", synthetic["model"], "--eval-data", str(rows_path), "--eval-video-root",
+            synthetic["videos"], "--output-dir", str(out_dir), "--eval-num-frames", "4", "--max-pixels", str(56 * 56),
+            "--eval-batch-size", "5"]
+
+
+def test_evaluation_metrics_are_reproduced_from_its_predictions(synthetic, tmp_path, capsys):
+    write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")
+    vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "first"))
+    # A random model is never right; make every third answer its own (greedy, so repeatable) upper-cased
+    # prediction, so that the scores mix hits and misses.
+    first = [json.loads(line) for line in open(tmp_path / "first" / "predictions.jsonl")]
+    answers = {p["id"]: p["prediction"].upper() for p in first[::3]
+               if p["prediction"] and p["question_type"] not in data.NUMERIC_TYPES}
+    rows = write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl", answers)
+    capsys.readouterr()
+    metrics = vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "eval"))
+    predictions = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
+    assert 0 < sum(p["score"] for p in predictions) < len(predictions)
+    assert len(predictions) == len(rows) - 2 == metrics["evaluated"]
+    assert sorted(item["id"] for item in metrics["not_evaluated"]) == ["100", "101"]
+    by_type = {}
+    for p in predictions:
+        cleaned = p["raw_output"].split(" ")[0].rstrip(".").strip()         # the benchmark's clean-up, again
+        if p["question_type"] in data.NUMERIC_TYPES:
+            try:
+                error = abs(float(cleaned) - float(p["ground_truth"])) / float(p["ground_truth"])
+                score = sum(error <= 1 - theta for theta in np.linspace(0.5, 0.95, 10)) / 10
+            except (ValueError, ZeroDivisionError):
+                score = 0.0
+        else:
+            score = float(cleaned.lower() == p["ground_truth"].lower())
+        assert p["score"] == pytest.approx(score)
+        by_type.setdefault(p["question_type"], []).append(score)
+    mean = lambda values: sum(values) / len(values)
+    tasks = {task: mean([mean(by_type[t]) for t in types]) for task, types in rewards.BENCHMARK_TASKS.items()}
+    assert metrics["scores"] == pytest.approx({**tasks, "Avg": mean(list(tasks.values()))})
+    assert metrics["questions"]["Count"] == 3 and metrics["questions"]["RelDir"] == 6
+    assert json.load(open(tmp_path / "eval" / "metrics.json"))["scores"] == pytest.approx(metrics["scores"])
+    table = capsys.readouterr().out
+    assert "Avg |    Count |  AbsDist |  ObjSize | RoomSize |  RelDist |   RelDir |    Route |    Order" in table
+
+
+def test_evaluation_prompts_follow_the_protocol_character_for_character(synthetic, tmp_path):
+    write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")
+    vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "eval"))
+    prompts = {p["question_type"]: p["prompt"] for p in map(json.loads, open(tmp_path / "eval" / "predictions.jsonl"))}
+    assert prompts["object_counting"] == ("These are frames of a video.\nHow many chairs are there? (object_counting)\n"
+                                          "Please answer the question using a single word or phrase.")
+    assert prompts["route_planning"] == ("These are frames of a video.\nHow many chairs are there? (route_planning)\n"
+                                         "Options:\nA. chair\nB. table\nC. sofa\nD. lamp\n"
+                                         "Answer with the option's letter from the given choices directly.")
+
+
+def test_evaluation_with_two_processes_equals_one_process(synthetic, tmp_path):
+    write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")               # 23 rows: odd, for 2 processes
+    vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "one"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               os.path.join(HERE, "vsgrpo.py"), *eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
+    assert one["scores"] == two["scores"] and one["not_evaluated"] == two["not_evaluated"]
+    assert open(tmp_path / "one" / "predictions.jsonl").read() == open(tmp_path / "two" / "predictions.jsonl").read()

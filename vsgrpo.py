@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalGeneration
 
-from data import PROMPTS, DataError, expand_paths, load_samples, load_video, prompt_ids, question_text
-from rewards import DEFAULT_REWARDS, REWARDS
+from data import PROMPTS, DataError, benchmark_prompt, expand_paths, load_samples, load_video, prompt_ids, question_text
+from rewards import BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, benchmark_score, clean_prediction, task_scores
 
 
 # ============================================================================ 1. arguments
@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-bad-video-fraction", type=float, default=0.5, help="stop when more of a batch's videos fail")
     a("--log-completions-every", type=int, default=10, help="print one question's G completions every N steps")
     a("--save-every", type=int, default=500, help="merged checkpoint every N steps, and at the end")
+    a("--eval-only", action="store_true", help="score --model on --eval-data (VSI-Bench) and exit")
+    a("--eval-data", nargs="+", help="VSI-Bench rows: JSON or JSONL with the benchmark's field names")
+    a("--eval-video-root", default=".", help="a row's video is {root}/{dataset}/{scene_name}.mp4")
+    a("--eval-prompt", choices=list(PROMPTS), default="vanilla", help="vanilla: the benchmark's own protocol")
+    a("--eval-num-frames", type=int, default=32, help="VSI-Bench gave open models 32 frames")
+    a("--eval-max-new-tokens", type=int, default=0, help="0: 16 (VSI-Bench) for vanilla, else --max-completion-length")
+    a("--eval-batch-size", type=int, default=8, help="questions per generate call (our choice)")
+    a("--eval-every", type=int, default=0, help="during training, score --eval-limit held-out questions every N steps")
+    a("--eval-limit", type=int, default=0, help="questions scored by --eval-every (0 = all)")
     return p
 
 
@@ -90,13 +99,16 @@ def parse_args(argv=None) -> argparse.Namespace:
          f"--reward-weights has {len(args.reward_weights)} values for {len(args.rewards)} rewards"),
         ("format" in args.rewards and args.prompt_mode == "vanilla",
          "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags"),
-        (not args.data, "--data is required"),
+        (not args.data and not args.eval_only, "--data is required"),
+        ((args.eval_only or args.eval_every) and not args.eval_data, "--eval-only and --eval-every need --eval-data"),
+        (args.eval_num_frames < 1, "--eval-num-frames must be at least 1"),
     ]
     for bad, message in problems:
         if bad:
             parser.error(message)
     try:
-        expand_paths(args.data)
+        for paths in (args.data, args.eval_data):
+            expand_paths(paths or [])
     except DataError as e:
         parser.error(str(e))
     return args
@@ -187,8 +199,8 @@ class Batch:
     video_grid_thw: torch.Tensor    # [B, 3]
 
 
-def collate(samples: list[dict], videos: list, tokenizer, video_token_id: int, device) -> Batch:
-    prompts = [prompt_ids(tokenizer, question_text(s), thw, video_token_id) for s, (_, thw) in zip(samples, videos)]
+def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, video_token_id: int, device) -> Batch:
+    prompts = [prompt_ids(tokenizer, text, thw, video_token_id) for text, (_, thw) in zip(texts, videos)]
     length = max(map(len, prompts))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
@@ -297,13 +309,13 @@ def generation_config(model, tokenizer, args) -> GenerationConfig:
 
 
 @torch.no_grad()
-def generate(model, batch: Batch, args, tokenizer) -> torch.Tensor:
-    """G sampled completions per question: [B*G, C], question-major (q0 x G, q1 x G, ...)."""
+def generate(model, batch: Batch, config: GenerationConfig) -> torch.Tensor:
+    """Completions, question-major (q0 x G, q1 x G, ...): [B*G, C]."""
     sequences = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
         mm_token_type_ids=(2 * (batch.input_ids == model.config.video_token_id)).int(),
         pixel_values_videos=torch.cat(batch.pixel_values), video_grid_thw=batch.video_grid_thw,
-        generation_config=generation_config(model, tokenizer, args))
+        generation_config=config)
     return sequences[:, batch.input_ids.shape[1]:]
 
 
@@ -395,7 +407,7 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> 
     """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
     policy.eval()
     start = time.perf_counter()
-    completion_ids = generate(policy, batch, args, tokenizer)
+    completion_ids = generate(policy, batch, generation_config(policy, tokenizer, args))
     mask = completion_mask(completion_ids, eos_token_ids(policy, tokenizer))
     timings["generation"] = time.perf_counter() - start
 
@@ -512,6 +524,8 @@ def make_accelerator() -> Accelerator:
 def train(args) -> nn.Module:
     """The whole run; returns the trained policy (unwrapped)."""
     samples = load_samples(args.data, args.video_root, args.prompt_mode)
+    eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt) if args.eval_every else []
+    eval_rows = eval_rows[:args.eval_limit or None]
     accelerator = make_accelerator()
     set_seed(args.seed)  # same LoRA initialisation on every process
     model, tokenizer = load_model(args, accelerator.device)
@@ -535,7 +549,8 @@ def train(args) -> nn.Module:
         indices = batch_indices(step - 1, rank, world, args.batch_size, len(samples), args.seed)
         rng = np.random.default_rng([args.seed, step, rank])
         loaded, videos, failures = load_batch(samples, indices, args, rng)
-        batch = collate(loaded, videos, tokenizer, policy.config.video_token_id, accelerator.device)
+        batch = collate(loaded, [question_text(s) for s in loaded], videos, tokenizer, policy.config.video_token_id,
+                        accelerator.device)
         timings["video_loading"] = time.perf_counter() - start
         ro = rollout(policy, ref_model, batch, args, tokenizer, timings)
         start = time.perf_counter()
@@ -543,6 +558,9 @@ def train(args) -> nn.Module:
         timings["optimisation"] = time.perf_counter() - start
         metrics = average_over_processes(
             accelerator, step_metrics(ro, args, timings, stats, len(failures), optimizer.param_groups[0]["lr"]))
+        if args.eval_every and step % args.eval_every == 0:
+            predictions, _ = evaluate(policy, tokenizer, eval_rows, args, accelerator)
+            metrics["eval_avg"] = task_scores(predictions)["Avg"]
         if accelerator.is_main_process:
             log_step(args, step, steps, metrics, time.perf_counter() - started)
             if args.log_completions_every and step % args.log_completions_every == 0:
@@ -563,10 +581,88 @@ def log_step(args, step: int, steps: int, metrics: dict, elapsed: float) -> None
           flush=True)
 
 
+# ============================================================================ 9. evaluation on VSI-Bench
+def greedy_config(model, tokenizer, args) -> GenerationConfig:
+    max_new = args.eval_max_new_tokens or (16 if args.eval_prompt == "vanilla" else args.max_completion_length)
+    return GenerationConfig(do_sample=False, max_new_tokens=max_new, repetition_penalty=1.0, num_return_sequences=1,
+                            eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            suppress_tokens=banned_token_ids(model))
+
+
+def answer_benchmark_rows(policy, tokenizer, rows: list[dict], indices: list[int], args) -> tuple[list, list]:
+    """Greedy answers to rows[indices], scored: (predictions, rows not evaluated with the reason)."""
+    predictions, skipped, ready = [], [], []
+    for i in indices:
+        row = rows[i]
+        try:
+            if row["question_type"] not in BENCHMARK_TYPES:
+                raise DataError(f"unknown question_type {row['question_type']!r}")
+            ready.append((i, row, load_video(row["video"], args.eval_num_frames, args.min_pixels, args.max_pixels)))
+        except DataError as e:
+            skipped.append({"index": i, "id": row["id"], "source": row["source"], "reason": str(e)})
+    config = greedy_config(policy, tokenizer, args)
+    for start in range(0, len(ready), args.eval_batch_size):
+        chunk = ready[start:start + args.eval_batch_size]
+        texts = [benchmark_prompt(row, args.eval_prompt) for _, row, _ in chunk]
+        batch = collate([row for _, row, _ in chunk], texts, [video for _, _, video in chunk], tokenizer,
+                        policy.config.video_token_id, policy.device)
+        completion_ids = generate(policy, batch, config)
+        lengths = completion_mask(completion_ids, config.eos_token_id).sum(1).tolist()
+        outputs = tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)],
+                                         skip_special_tokens=True)
+        for (i, row, _), text, raw in zip(chunk, texts, outputs):
+            prediction = clean_prediction(raw, args.eval_prompt)
+            predictions.append({"index": i, "id": row["id"], "question_type": row["question_type"], "prompt": text,
+                                "raw_output": raw, "prediction": prediction, "ground_truth": row["answer"],
+                                "score": benchmark_score(prediction, row)})
+    return predictions, skipped
+
+
+@torch.no_grad()
+def evaluate(policy, tokenizer, rows: list[dict], args, accelerator) -> tuple[list, list]:
+    """Each process answers every W-th row; all processes get all predictions, in row order."""
+    policy.eval()
+    mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+    predictions, skipped = answer_benchmark_rows(policy, tokenizer, rows, mine, args)
+    by_index = lambda items: sorted(items, key=lambda item: item["index"])
+    return by_index(gather_object(predictions)), by_index(gather_object(skipped))
+
+
+def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict:
+    """predictions.jsonl, metrics.json and the paper's table, x100."""
+    scores = task_scores(predictions)
+    counts = {task: sum(p["question_type"] in types for p in predictions) for task, types in BENCHMARK_TASKS.items()}
+    metrics = {"scores": scores, "questions": counts, "evaluated": len(predictions), "not_evaluated": skipped,
+               "settings": {"model": args.model, "prompt": args.eval_prompt, "num_frames": args.eval_num_frames,
+                            "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}}
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in predictions)
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    columns = ["Avg"] + list(BENCHMARK_TASKS)
+    print(" | ".join(f"{c:>8}" for c in columns))
+    print(" | ".join(f"{100 * scores[c]:8.1f}" if c in scores else f"{'-':>8}" for c in columns))
+    print(f"{len(predictions)} questions scored, {len(skipped)} not evaluated; {args.eval_num_frames} frames, "
+          f"max {args.max_pixels} pixels per frame, {args.eval_prompt} prompt")
+    for item in skipped:
+        print(f"  not evaluated: {item['source']}: {item['reason']}", file=sys.stderr)
+    return metrics
+
+
+def run_evaluation(args) -> dict:
+    accelerator = make_accelerator()
+    rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)
+    args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
+    policy, tokenizer = load_model(args, accelerator.device)
+    predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
+    return write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
+
+
 def main(argv=None) -> nn.Module:
     args = parse_args(argv)
     try:
-        return train(args)
+        return run_evaluation(args) if args.eval_only else train(args)
     except DataError as e:
         sys.exit(f"error: {e}")
 
