@@ -252,6 +252,20 @@ def test_completion_mask_keeps_the_first_eos_even_when_pad_is_eos():
     assert vsgrpo.completion_mask(ids, [eos]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
+def test_step_metrics_by_hand():
+    eos = 9
+    ids = torch.tensor([[1, 2, eos, 0], [1, 2, 3, 4], [eos, 0, 0, 0], [1, 2, 3, eos]])
+    reward = torch.tensor([1.0, 0.0, 0.5, 0.5])               # groups of G=2: [1, 0] and [0.5, 0.5]
+    ro = vsgrpo.Rollout(None, ids, vsgrpo.completion_mask(ids, [eos]), ["x"] * 4,
+                        {"accuracy": reward, "total": reward}, torch.zeros(4), None, None)
+    args = vsgrpo.argparse.Namespace(eos_ids=[eos], num_generations=2, rewards=["accuracy"])
+    m = vsgrpo.step_metrics(ro, args, {"generation": 2.0, "optimisation": 1.0}, {"loss": 0.5}, 1, 1e-5)
+    assert m["truncated_fraction"] == 0.25                     # only row 2 never ends
+    assert (m["completion_length"], m["completion_length_max"]) == ((3 + 4 + 1 + 4) / 4, 4)
+    assert m["zero_std_fraction"] == 0.5 and m["reward"] == 0.5
+    assert m["tokens_per_s"] == pytest.approx(12 / 3.0) and m["seconds_generation"] == 2.0
+
+
 # ----------------------------------------------------------------------------- video
 def test_frames_are_sampled_uniformly_from_first_to_last(tmp_path):
     path = str(tmp_path / "ten.mp4")
@@ -421,23 +435,22 @@ def test_sampling_and_training_log_probs_agree_on_a_left_padded_batch(synthetic)
     completion_ids = out.sequences[:, batch.input_ids.shape[1]:]
     sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
     mask = vsgrpo.completion_mask(completion_ids, vsgrpo.eos_token_ids(model, tokenizer))
-    rows = torch.arange(6)
-    inputs = vsgrpo.sequence_inputs(batch, completion_ids, mask, rows, 3, model.config.video_token_id)
     with torch.no_grad():
-        trained = vsgrpo.completion_logps(model, inputs, completion_ids, 0.7, vsgrpo.banned_token_ids(model))
+        trained = vsgrpo.completion_logps(model, batch, completion_ids, mask, torch.arange(6), args)
     assert mask.sum() > 6
     assert ((trained - sampled).abs() * mask).max() < 1e-5
 
 
 def test_reference_log_probs_see_the_video(synthetic):
     args, model, tokenizer = load_tiny(synthetic)
+    args.num_generations = 1
     batch = batch_of(synthetic, [0], args, tokenizer, model)
-    ids = torch.tensor([[5, 6, 7]])
-    inputs = vsgrpo.sequence_inputs(batch, ids, torch.ones_like(ids), torch.tensor([0]), 1, model.config.video_token_id)
-    blank = dict(inputs, pixel_values_videos=torch.zeros_like(inputs["pixel_values_videos"]))
+    ids, rows = torch.tensor([[5, 6, 7]]), torch.tensor([0])
+    blank = vsgrpo.Batch(batch.samples, batch.input_ids, batch.attention_mask,
+                         [torch.zeros_like(batch.pixel_values[0])], batch.video_grid_thw)
     with torch.no_grad(), vsgrpo.lora_disabled(model):
-        seen = vsgrpo.completion_logps(model, inputs, ids, 1.0, [])
-        blind = vsgrpo.completion_logps(model, blank, ids, 1.0, [])
+        seen = vsgrpo.completion_logps(model, batch, ids, torch.ones_like(ids), rows, args)
+        blind = vsgrpo.completion_logps(model, blank, ids, torch.ones_like(ids), rows, args)
     assert (seen - blind).abs().max() > 1e-4
 
 

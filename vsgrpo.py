@@ -255,17 +255,20 @@ def sequence_inputs(batch: Batch, completion_ids: torch.Tensor, completion_mask:
                 video_grid_thw=batch.video_grid_thw[questions])
 
 
-def completion_logps(model, inputs: dict, completion_ids: torch.Tensor, temperature: float,
-                     banned_ids: list[int]) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) for each completion token: [n, C].
+def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                     args) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) of each token of completions `rows`, WITH the video: [n, C].
 
     Logits are divided by the sampling temperature and the banned tokens masked, so this is
     the distribution the completions were sampled from.
     """
-    num_completion = completion_ids.shape[1]
-    logits = model(**inputs, use_cache=False, logits_to_keep=num_completion + 1).logits[:, :-1]  # [n, C, V]
-    logits = logits.float() / temperature
-    logits = logits.index_fill(-1, torch.tensor(banned_ids, dtype=torch.long, device=logits.device), float("-inf"))
+    config = getattr(model, "module", model).config  # the policy may be wrapped in DDP
+    inputs = sequence_inputs(batch, completion_ids, mask, rows, args.num_generations, config.video_token_id)
+    completion_ids = completion_ids[rows]                                     # [n, C]
+    logits = model(**inputs, use_cache=False, logits_to_keep=completion_ids.shape[1] + 1).logits[:, :-1]
+    logits = logits.float() / args.temperature                                # [n, C, V]
+    banned = torch.tensor(banned_token_ids(model), device=logits.device)
+    logits = logits.index_fill(-1, banned, float("-inf"))
     token_logits = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [n, C]
     return token_logits - logits.logsumexp(-1)
 
@@ -288,7 +291,8 @@ def banned_token_ids(model) -> list[int]:
     # A sampled video or image placeholder would break the next forward pass (features and
     # placeholders no longer match), so the policy may not emit them; completion_logps masks
     # the same tokens, so sampling and training see one distribution.
-    return [model.config.video_token_id, model.config.image_token_id]
+    config = getattr(model, "module", model).config
+    return [config.video_token_id, config.image_token_id]
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -328,6 +332,12 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.T
     length = completion_ids.shape[1]
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), length)  # [n]
     return (torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]).long()
+
+
+def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Completion texts up to the first EOS."""
+    return tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), mask.sum(1).tolist())],
+                                  skip_special_tokens=True)
 
 
 def score(completions: list[str], samples: list[dict], names: list[str], device) -> dict[str, torch.Tensor]:
@@ -395,44 +405,39 @@ def reference_model(model, args):
 
 
 @torch.no_grad()
-def logps_in_chunks(model, batch, completion_ids, mask, args, chunk: int) -> torch.Tensor:
+def logps_in_chunks(model, batch, completion_ids, mask, args) -> torch.Tensor:
     rows = torch.arange(len(completion_ids), device=completion_ids.device)
-    return torch.cat([completion_logps(model, sequence_inputs(batch, completion_ids, mask, r, args.num_generations,
-                                                              model.config.video_token_id),
-                                       completion_ids[r], args.temperature, banned_token_ids(model))
-                      for r in rows.split(chunk)])
+    return torch.cat([completion_logps(model, batch, completion_ids, mask, r, args)
+                      for r in rows.split(args.micro_batch_size)])
+
+
+@contextmanager
+def timed(timings: dict, phase: str):
+    start = time.perf_counter()
+    yield
+    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
 def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> Rollout:
     """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
     policy.eval()
-    start = time.perf_counter()
-    completion_ids = generate(policy, batch, generation_config(policy, tokenizer, args))
-    mask = completion_mask(completion_ids, eos_token_ids(policy, tokenizer))
-    timings["generation"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    lengths = mask.sum(1).tolist()
-    completions = tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)],
-                                         skip_special_tokens=True)
-    samples = [s for s in batch.samples for _ in range(args.num_generations)]
-    rewards = score(completions, samples, args.rewards, completion_ids.device)
-    total = sum(w * rewards[name] for name, w in zip(args.rewards, args.reward_weights))
-    advantages = group_advantages(total, args.num_generations)
-    timings["scoring"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    chunk = args.micro_batch_size
-    old_logps = logps_in_chunks(policy, batch, completion_ids, mask, args, chunk) if args.num_iterations > 1 else None
-    ref_logps = None
-    if args.beta > 0:
-        if ref_model is not None:
-            ref_logps = logps_in_chunks(ref_model, batch, completion_ids, mask, args, chunk)
-        else:
+    with timed(timings, "generation"):
+        completion_ids = generate(policy, batch, generation_config(policy, tokenizer, args))
+        mask = completion_mask(completion_ids, eos_token_ids(policy, tokenizer))
+    with timed(timings, "scoring"):
+        completions = decode(tokenizer, completion_ids, mask)
+        samples = [s for s in batch.samples for _ in range(args.num_generations)]
+        rewards = score(completions, samples, args.rewards, completion_ids.device)
+        rewards["total"] = sum(w * rewards[name] for name, w in zip(args.rewards, args.reward_weights))
+        advantages = group_advantages(rewards["total"], args.num_generations)
+    with timed(timings, "logprob_passes"):
+        old_logps = logps_in_chunks(policy, batch, completion_ids, mask, args) if args.num_iterations > 1 else None
+        ref_logps = None
+        if args.beta > 0 and ref_model is not None:
+            ref_logps = logps_in_chunks(ref_model, batch, completion_ids, mask, args)
+        elif args.beta > 0:
             with lora_disabled(policy):
-                ref_logps = logps_in_chunks(policy, batch, completion_ids, mask, args, chunk)
-    timings["logprob_passes"] = time.perf_counter() - start
-    rewards["total"] = total
+                ref_logps = logps_in_chunks(policy, batch, completion_ids, mask, args)
     return Rollout(batch, completion_ids, mask, completions, rewards, advantages, old_logps, ref_logps)
 
 
@@ -448,10 +453,7 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
             mask = ro.completion_mask[rows].float()                          # [n, C]
             # DDP averages gradients across processes once, at the last micro-batch.
             with accelerator.no_sync(model) if i < len(chunks) - 1 else nullcontext():
-                inputs = sequence_inputs(ro.batch, ro.completion_ids, ro.completion_mask, rows,
-                                         args.num_generations, policy.config.video_token_id)
-                logps = completion_logps(model, inputs, ro.completion_ids[rows], args.temperature,
-                                         banned_token_ids(policy))
+                logps = completion_logps(model, ro.batch, ro.completion_ids, ro.completion_mask, rows, args)
                 old_logps = logps.detach() if ro.old_logps is None else ro.old_logps[rows]
                 ref_logps = None if ro.ref_logps is None else ro.ref_logps[rows]
                 token_loss, kl, clipped = grpo_token_loss(logps, old_logps, ref_logps, ro.advantages[rows],
@@ -469,8 +471,7 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
 
 def step_metrics(ro: Rollout, args, timings: dict, stats: dict, num_bad: int, lr: float) -> dict:
     lengths = ro.completion_mask.sum(1).float()
-    truncated = ro.completion_mask[:, -1].bool() & (lengths == ro.completion_ids.shape[1])
-    truncated &= ~torch.isin(ro.completion_ids[:, -1], torch.tensor(args.eos_ids, device=lengths.device))
+    truncated = ~torch.isin(ro.completion_ids, torch.tensor(args.eos_ids, device=lengths.device)).any(1)  # no EOS
     groups = ro.rewards["total"].view(-1, args.num_generations)
     metrics = {**stats, "reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
                "zero_std_fraction": (groups.std(1) == 0).float().mean().item(),
@@ -545,17 +546,15 @@ def train(args) -> nn.Module:
     started = time.perf_counter()
     for step in range(1, steps + 1):
         timings = {}
-        start = time.perf_counter()
-        indices = batch_indices(step - 1, rank, world, args.batch_size, len(samples), args.seed)
-        rng = np.random.default_rng([args.seed, step, rank])
-        loaded, videos, failures = load_batch(samples, indices, args, rng)
-        batch = collate(loaded, [question_text(s) for s in loaded], videos, tokenizer, policy.config.video_token_id,
-                        accelerator.device)
-        timings["video_loading"] = time.perf_counter() - start
+        with timed(timings, "video_loading"):
+            indices = batch_indices(step - 1, rank, world, args.batch_size, len(samples), args.seed)
+            rng = np.random.default_rng([args.seed, step, rank])
+            loaded, videos, failures = load_batch(samples, indices, args, rng)
+            batch = collate(loaded, [question_text(s) for s in loaded], videos, tokenizer,
+                            policy.config.video_token_id, accelerator.device)
         ro = rollout(policy, ref_model, batch, args, tokenizer, timings)
-        start = time.perf_counter()
-        stats = optimise(model, policy, optimizer, accelerator, ro, args)
-        timings["optimisation"] = time.perf_counter() - start
+        with timed(timings, "optimisation"):
+            stats = optimise(model, policy, optimizer, accelerator, ro, args)
         metrics = average_over_processes(
             accelerator, step_metrics(ro, args, timings, stats, len(failures), optimizer.param_groups[0]["lr"]))
         if args.eval_every and step % args.eval_every == 0:
@@ -607,9 +606,7 @@ def answer_benchmark_rows(policy, tokenizer, rows: list[dict], indices: list[int
         batch = collate([row for _, row, _ in chunk], texts, [video for _, _, video in chunk], tokenizer,
                         policy.config.video_token_id, policy.device)
         completion_ids = generate(policy, batch, config)
-        lengths = completion_mask(completion_ids, config.eos_token_id).sum(1).tolist()
-        outputs = tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), lengths)],
-                                         skip_special_tokens=True)
+        outputs = decode(tokenizer, completion_ids, completion_mask(completion_ids, config.eos_token_id))
         for (i, row, _), text, raw in zip(chunk, texts, outputs):
             prediction = clean_prediction(raw, args.eval_prompt)
             predictions.append({"index": i, "id": row["id"], "question_type": row["question_type"], "prompt": text,
