@@ -239,7 +239,8 @@ def benchmark_prompt(sample: dict, prompt_mode: str) -> str:
 # Small scenes of coloured squares ("objects") seen by a slowly panning camera, with
 # questions whose answers follow from how the scene was drawn. Same file format as VSI-Bench.
 OBJECT_COLOURS = {"chair": (220, 40, 40), "table": (40, 80, 230), "sofa": (40, 200, 60), "lamp": (240, 220, 40)}
-SYNTHETIC_TYPES = ("object_counting", "object_rel_direction", "object_rel_distance")
+COLOUR_NAMES = dict(zip(OBJECT_COLOURS, ("red", "blue", "green", "yellow")))
+SYNTHETIC_TYPES = ("object_counting", "object_rel_direction", "object_rel_distance", "object_colour")
 GRID, CELL = 4, 28  # objects sit in distinct cells of a 4x4 grid over a 112x112 room
 
 
@@ -265,6 +266,10 @@ def synthetic_question(question_type: str, rng: np.random.Generator) -> tuple[di
         cells = {target: free[:count], str(rng.choice([n for n in names if n != target])): free[count:count + 2]}
         return cells, f"How many {target}(s) are in this room?", str(count)
     a, b, c, d = (str(n) for n in rng.permutation(names))
+    if question_type == "object_colour":  # one large object (2x2 cells), so its colour fills whole video tokens
+        row, col = (int(x) for x in rng.integers(0, GRID - 1, 2))
+        cells = {a: [(row, col), (row + 1, col), (row, col + 1), (row + 1, col + 1)]}
+        return cells, "What colour is the object in this room?", COLOUR_NAMES[a]
     if question_type == "object_rel_direction":
         other = next(cell for cell in free if cell[1] != free[0][1])  # a different column
         answer = "left" if free[0][1] < other[1] else "right"

@@ -28,8 +28,7 @@ TAGS = ["<think>", "</think>", "<observe>", "</observe>", "<answer>", "</answer>
 def write_tiny_checkpoint(path: str, texts: list[str], seed: int = 0) -> None:
     """A word-level tokenizer over `texts` and a 2-layer random Qwen2-VL, saved like a hub checkpoint."""
     split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    words = sorted({w for t in texts + list(data.PROMPTS.values()) + ["system you are a helpful assistant user"]
-                    for w, _ in split.pre_tokenize_str(t.lower())})
+    words = sorted({w for t in texts for w, _ in split.pre_tokenize_str(t.lower())})
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
     backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), split
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>",
@@ -57,7 +56,8 @@ def synthetic(tmp_path_factory):
     path = data.write_synthetic_dataset(root, 12, seed=0)
     rows = [json.loads(line) for line in open(path)]
     model_dir = os.path.join(root, "tiny-qwen2-vl")
-    write_tiny_checkpoint(model_dir, [r["question"] + " " + r["ground_truth"] for r in rows])
+    write_tiny_checkpoint(model_dir, [r["question"] + " " + r["ground_truth"] for r in rows] +
+                          list(data.PROMPTS.values()) + ["system you are a helpful assistant user"])
     return {"root": root, "data": path, "videos": os.path.join(root, "videos"), "model": model_dir, "rows": rows}
 
 
@@ -716,3 +716,22 @@ def test_evaluation_with_two_processes_equals_one_process(synthetic, tmp_path):
     one, two = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
     assert one["scores"] == two["scores"] and one["not_evaluated"] == two["not_evaluated"]
     assert open(tmp_path / "one" / "predictions.jsonl").read() == open(tmp_path / "two" / "predictions.jsonl").read()
+
+
+# ----------------------------------------------------------------------------- the README is true
+def test_readme_lists_every_flag_with_the_codes_default():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `")
+            for line in readme.splitlines() if line.startswith("| `-")}
+    for action in vsgrpo.build_parser()._actions:
+        if action.dest != "help":
+            default = "off" if action.default is False else "—" if action.default is None else str(action.default)
+            assert rows.get(", ".join(action.option_strings)) == default, action.option_strings
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    ci = open(os.path.join(HERE, ".ci", "run")).read()
+    command = "python -m pytest -q test_vsgrpo.py"
+    assert f"```bash\n{command}\n```" in readme and ci.rstrip().endswith(command)
+    assert "pip install torch==2.13.0" in readme and "pip install -q torch==2.13.0" in ci
