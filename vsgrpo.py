@@ -28,8 +28,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalGeneration
 
-from data import PROMPTS, DataError, benchmark_prompt, expand_paths, load_samples, load_video, prompt_ids, question_text
-from rewards import BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, benchmark_score, clean_prediction, task_scores
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
+
+from data import (PROMPTS, DataError, benchmark_prompt, expand_paths, load_samples, load_video, prompt_ids,
+                  question_text, read_rows, write_synthetic_dataset)
+from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score, benchmark_score,
+                     clean_prediction, extract_answer, task_scores)
 
 
 # ============================================================================ 1. arguments
@@ -79,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-batch-size", type=int, default=8, help="questions per generate call (our choice)")
     a("--eval-every", type=int, default=0, help="during training, score --eval-limit held-out questions every N steps")
     a("--eval-limit", type=int, default=0, help="questions scored by --eval-every (0 = all)")
+    a("--demo", action="store_true", help="offline, on a CPU: synthetic videos, a tiny model, GRPO, before/after")
     return p
 
 
@@ -99,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
          f"--reward-weights has {len(args.reward_weights)} values for {len(args.rewards)} rewards"),
         ("format" in args.rewards and args.prompt_mode == "vanilla",
          "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags"),
-        (not args.data and not args.eval_only, "--data is required"),
+        (not args.data and not (args.eval_only or args.demo), "--data is required"),
         ((args.eval_only or args.eval_every) and not args.eval_data, "--eval-only and --eval-every need --eval-data"),
         (args.eval_num_frames < 1, "--eval-num-frames must be at least 1"),
     ]
@@ -541,6 +547,7 @@ def train(args) -> nn.Module:
     steps = args.max_steps or max(1, len(samples) // (args.batch_size * world))
     os.makedirs(args.output_dir, exist_ok=True)
     if accelerator.is_main_process:
+        open(os.path.join(args.output_dir, "metrics.jsonl"), "w").close()  # a new run, a new log
         print(f"{len(samples)} questions, {world} process(es), {steps} steps of "
               f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}")
     started = time.perf_counter()
@@ -588,13 +595,18 @@ def greedy_config(model, tokenizer, args) -> GenerationConfig:
                             suppress_tokens=banned_token_ids(model))
 
 
-def answer_benchmark_rows(policy, tokenizer, rows: list[dict], indices: list[int], args) -> tuple[list, list]:
-    """Greedy answers to rows[indices], scored: (predictions, rows not evaluated with the reason)."""
+def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, protocol: str) -> tuple[list, list]:
+    """Greedy answers to rows[indices], scored: (predictions, rows not evaluated with the reason).
+
+    protocol "benchmark": VSI-Bench's prompts, clean-up and metrics; "training": the training
+    prompt and accuracy reward (the demo's held-out questions).
+    """
+    benchmark = protocol == "benchmark"
     predictions, skipped, ready = [], [], []
     for i in indices:
         row = rows[i]
         try:
-            if row["question_type"] not in BENCHMARK_TYPES:
+            if benchmark and row["question_type"] not in BENCHMARK_TYPES:
                 raise DataError(f"unknown question_type {row['question_type']!r}")
             ready.append((i, row, load_video(row["video"], args.eval_num_frames, args.min_pixels, args.max_pixels)))
         except DataError as e:
@@ -602,25 +614,26 @@ def answer_benchmark_rows(policy, tokenizer, rows: list[dict], indices: list[int
     config = greedy_config(policy, tokenizer, args)
     for start in range(0, len(ready), args.eval_batch_size):
         chunk = ready[start:start + args.eval_batch_size]
-        texts = [benchmark_prompt(row, args.eval_prompt) for _, row, _ in chunk]
+        texts = [benchmark_prompt(row, args.eval_prompt) if benchmark else question_text(row) for _, row, _ in chunk]
         batch = collate([row for _, row, _ in chunk], texts, [video for _, _, video in chunk], tokenizer,
                         policy.config.video_token_id, policy.device)
         completion_ids = generate(policy, batch, config)
         outputs = decode(tokenizer, completion_ids, completion_mask(completion_ids, config.eos_token_id))
         for (i, row, _), text, raw in zip(chunk, texts, outputs):
-            prediction = clean_prediction(raw, args.eval_prompt)
+            prediction = clean_prediction(raw, args.eval_prompt) if benchmark else extract_answer(raw, row["prompt_mode"])
+            score = benchmark_score(prediction, row) if benchmark else answer_score(prediction, row)
             predictions.append({"index": i, "id": row["id"], "question_type": row["question_type"], "prompt": text,
                                 "raw_output": raw, "prediction": prediction, "ground_truth": row["answer"],
-                                "score": benchmark_score(prediction, row)})
+                                "score": score})
     return predictions, skipped
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, rows: list[dict], args, accelerator) -> tuple[list, list]:
+def evaluate(policy, tokenizer, rows: list[dict], args, accelerator, protocol="benchmark") -> tuple[list, list]:
     """Each process answers every W-th row; all processes get all predictions, in row order."""
     policy.eval()
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
-    predictions, skipped = answer_benchmark_rows(policy, tokenizer, rows, mine, args)
+    predictions, skipped = answer_rows(policy, tokenizer, rows, mine, args, protocol)
     by_index = lambda items: sorted(items, key=lambda item: item["index"])
     return by_index(gather_object(predictions)), by_index(gather_object(skipped))
 
@@ -656,9 +669,106 @@ def run_evaluation(args) -> dict:
     return write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
 
 
+# ============================================================================ 10. the offline demo
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tiny_model(path: str, texts: list[str], seed: int = 0) -> None:
+    """A word-level tokenizer over `texts` and a random 2-layer Qwen2-VL, saved as a hub checkpoint is.
+
+    The small vocabulary is what makes the demo learnable: a random model's one-word guesses
+    hit a right answer often enough (about 1 in 40) to give GRPO a signal.
+    """
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    words = sorted({w for text in texts for w, _ in split.pre_tokenize_str(text.lower())})
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), split
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS)
+    tokenizer.add_tokens(["<think>", "</think>", "<observe>", "</observe>", "<answer>", "</answer>"])
+    tokenizer.save_pretrained(path)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None,
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+
+
+def demo_flags(out: str) -> list[str]:
+    """The demo's settings; flags given after --demo override them."""
+    return ["--model", f"{out}/tiny-qwen2-vl", "--data", f"{out}/train.jsonl", "--video-root", f"{out}/videos",
+            "--eval-data", f"{out}/heldout.jsonl", "--eval-video-root", f"{out}/videos", "--num-frames", "4",
+            "--eval-num-frames", "4", "--max-pixels", str(56 * 56), "--max-completion-length", "1",
+            "--eval-max-new-tokens", "1", "--lora-rank", "0", "--learning-rate", "1e-3", "-G", "8",
+            "--batch-size", "16", "--micro-batch-size", "128", "--max-steps", "400", "--save-every", "400",
+            "--log-completions-every", "100", "--eval-batch-size", "50"]
+
+
+def no_video_baseline(rows: list[dict]) -> dict[str, float]:
+    """Per question type, the best score one fixed answer gets: what a model blind to the video can do."""
+    best = {}
+    for question_type in {r["question_type"] for r in rows}:
+        typed = [r for r in rows if r["question_type"] == question_type]
+        best[question_type] = max(np.mean([answer_score(a, r) for r in typed]) for a in {r["answer"] for r in typed})
+    return best
+
+
+def reward_curve(values: list[float], height: int = 8, width: int = 60) -> str:
+    """A column chart of `values`, averaged into at most `width` columns."""
+    means = [float(np.mean(chunk)) for chunk in np.array_split(np.array(values), min(width, len(values)))]
+    top = max(max(means), 1e-9)
+    lines = [f"{top * level / height:5.2f} |" + "".join("#" if m >= top * (level - 0.5) / height else " " for m in means)
+             for level in range(height, 0, -1)]
+    return "\n".join(lines + ["      +" + "-" * len(means), f"       steps 1 to {len(values)}"])
+
+
+def run_demo(argv: list[str]) -> dict:
+    """Write synthetic data and a tiny model, score held-out questions, train with GRPO, score again."""
+    out = parse_args(argv).output_dir
+    started = time.perf_counter()
+    rows = read_rows(write_synthetic_dataset(out, 400, seed=0, name="train"))
+    write_synthetic_dataset(out, 200, seed=1, name="heldout")
+    build_tiny_model(f"{out}/tiny-qwen2-vl", [r["question"] + " " + r["ground_truth"] for r in rows] +
+                     ["system you are a helpful assistant user"])
+    args = parse_args(demo_flags(out) + [a for a in argv if a != "--demo"])
+    accelerator = make_accelerator()
+    held_out = load_samples(args.eval_data, args.eval_video_root, args.prompt_mode)
+    policy, tokenizer = load_model(args, accelerator.device)  # loaded back as a real checkpoint is
+    per_type = lambda predictions: {t: float(np.mean([p["score"] for p in predictions if p["question_type"] == t]))
+                                    for t in sorted({p["question_type"] for p in predictions})}
+    before = per_type(evaluate(policy, tokenizer, held_out, args, accelerator, protocol="training")[0])
+    policy = train(args)
+    after = per_type(evaluate(policy, tokenizer, held_out, args, accelerator, protocol="training")[0])
+    blind = no_video_baseline(held_out)
+    rewards_per_step = [json.loads(line)["reward"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    result = {"before": before, "after": after, "no_video_best": blind, "seconds": time.perf_counter() - started,
+              "mean_before": float(np.mean(list(before.values()))), "mean_after": float(np.mean(list(after.values())))}
+    if accelerator.is_main_process:
+        print(f"\nheld-out accuracy ({len(held_out)} questions), greedy answers\n"
+              f"{'question type':24} {'before':>7} {'after':>7} {'best without video':>19}")
+        for t in before:
+            print(f"{t:24} {before[t]:7.2f} {after[t]:7.2f} {blind[t]:19.2f}{'  <- sees the video' if after[t] > blind[t] else ''}")
+        print(f"{'mean':24} {result['mean_before']:7.2f} {result['mean_after']:7.2f}")
+        print(f"\ntraining reward per step\n{reward_curve(rewards_per_step)}\n{result['seconds']:.0f} s in all")
+        with open(os.path.join(out, "demo.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def main(argv=None) -> nn.Module:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
+        if args.demo:
+            return run_demo(argv)
         return run_evaluation(args) if args.eval_only else train(args)
     except DataError as e:
         sys.exit(f"error: {e}")
