@@ -8,11 +8,14 @@ import glob
 import json
 import math
 import os
+import sys
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from rewards import to_float
 
 # ----------------------------------------------------------------------------- prompts
 # vsGRPO's training prompts, verbatim (appended to the question).
@@ -87,8 +90,8 @@ def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> d
         raise DataError(f"{where}: missing field 'path' (or 'video', or 'dataset' + 'scene_name')")
     question_type = str(row.get("question_type", row.get("problem_type", "")))
     # Numeric iff VSI-Bench scores the type with MRA; an untyped row is numeric if its answer is a number.
-    numeric = question_type in NUMERIC_TYPES or (not question_type and _is_number(answer))
-    if numeric and not _is_number(answer):
+    numeric = question_type in NUMERIC_TYPES or (not question_type and to_float(answer) is not None)
+    if numeric and not to_float(answer) is not None:
         raise DataError(f"{where}: answer {answer!r} of numeric question type {question_type!r} is not a number")
     return {
         "id": str(row.get("id", where)), "question": str(first_field(row, FIELDS["question"], where)),
@@ -96,13 +99,6 @@ def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> d
         "options": list(row.get("options") or []), "video": os.path.join(video_root, video),
         "prompt_mode": prompt_mode, "source": where,
     }
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
 
 
 def load_samples(patterns: list[str], video_root: str, prompt_mode: str) -> list[dict]:
@@ -114,6 +110,33 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str) -> list
     if not samples:
         raise DataError(f"no rows in {patterns}")
     return samples
+
+
+def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator) -> tuple[list, list, list]:
+    """Decode the videos of `indices`; a failing video is reported, counted and replaced by a random row."""
+    loaded, videos, failures = [], [], []
+    candidates = list(indices)
+    while len(loaded) < len(indices):
+        if len(failures) > args.max_bad_video_fraction * len(indices):
+            raise DataError(f"{len(failures)} of {len(indices)} videos in a batch failed, over "
+                            f"--max-bad-video-fraction {args.max_bad_video_fraction}:\n  " + "\n  ".join(failures))
+        index = candidates.pop(0) if candidates else int(rng.integers(len(samples)))
+        try:
+            videos.append(load_video(samples[index]["video"], args.num_frames, args.min_pixels, args.max_pixels))
+            loaded.append(samples[index])
+        except DataError as e:
+            failures.append(f"{samples[index]['source']}: {e}")
+            print(f"warning: skipped {failures[-1]}", file=sys.stderr)
+    return loaded, videos, failures
+
+
+def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples: int, seed: int) -> list[int]:
+    """The rows process `rank` trains on at `step`: a fresh seeded shuffle of the data every epoch."""
+    positions = [(step * world + rank) * batch_size + j for j in range(batch_size)]
+    order = {}
+    for epoch in {p // num_samples for p in positions}:
+        order[epoch] = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    return [int(order[p // num_samples][p % num_samples]) for p in positions]
 
 
 # ----------------------------------------------------------------------------- video
@@ -246,8 +269,7 @@ GRID, CELL = 4, 28  # objects sit in distinct cells of a 4x4 grid over a 112x112
 
 def draw_scene(cells: dict[str, list[tuple[int, int]]], num_frames: int, rng: np.random.Generator) -> np.ndarray:
     """Frames [T, 112, 112, 3] of the objects in their cells; the camera pans 8 px left to right."""
-    room = np.full((GRID * CELL + 8, GRID * CELL, 3), 90, np.uint8)
-    room = np.concatenate([room, np.full((GRID * CELL + 8, 8, 3), 90, np.uint8)], 1)
+    room = np.full((GRID * CELL + 8, GRID * CELL + 8, 3), 90, np.uint8)  # 4 px margin for jitter and pan
     for name, positions in cells.items():
         for row, col in positions:
             y, x = row * CELL + 4 + rng.integers(0, 5), col * CELL + 4 + rng.integers(0, 5)

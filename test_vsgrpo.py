@@ -32,6 +32,23 @@ def synthetic(tmp_path_factory):
     return {"root": root, "data": path, "videos": os.path.join(root, "videos"), "model": model_dir, "rows": rows}
 
 
+def run_processes(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a command (a launcher and its workers) in its own session; on timeout, kill them all."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        pytest.fail(f"timed out after {timeout} s: {' '.join(command)}\n{process.communicate()[1][-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def make_args(synthetic, *extra) -> object:
     return vsgrpo.parse_args(["--model", synthetic["model"], "--data", synthetic["data"],
                               "--video-root", synthetic["videos"], "--num-frames", "4", "--max-pixels", str(56 * 56),
@@ -475,19 +492,19 @@ def test_bad_videos_are_reported_skipped_counted_and_replaced(synthetic, capsys)
     args = make_args(synthetic, "--max-bad-video-fraction", "0.5")
     samples = data.load_samples([synthetic["data"]], synthetic["videos"], "vanilla")
     samples[1] = dict(samples[1], video="/missing/one.mp4")
-    loaded, videos, failures = vsgrpo.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0))
+    loaded, videos, failures = data.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0))
     assert len(loaded) == len(videos) == 4 and len(failures) == 1
     assert samples[1] not in loaded and "/missing/one.mp4" in capsys.readouterr().err
     samples[2] = dict(samples[2], video="/missing/two.mp4")
     samples[3] = dict(samples[3], video="/missing/three.mp4")
     with pytest.raises(data.DataError, match="3 of 4 videos in a batch failed"):
-        vsgrpo.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0))
+        data.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0))
 
 
 def test_each_process_takes_different_questions_and_an_epoch_covers_all_once():
-    seen = [i for step in range(3) for rank in range(2) for i in vsgrpo.batch_indices(step, rank, 2, 2, 12, 0)]
+    seen = [i for step in range(3) for rank in range(2) for i in data.batch_indices(step, rank, 2, 2, 12, 0)]
     assert sorted(seen) == list(range(12))
-    assert vsgrpo.batch_indices(3, 0, 2, 2, 12, 0) != vsgrpo.batch_indices(0, 0, 2, 2, 12, 0)  # reshuffled
+    assert data.batch_indices(3, 0, 2, 2, 12, 0) != data.batch_indices(0, 0, 2, 2, 12, 0)  # reshuffled
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -552,11 +569,8 @@ torch.save({{k: v for k, v in policy.state_dict().items() if "lora_" in k}},
 def test_two_processes_under_accelerate_launch_end_with_identical_weights(synthetic, tmp_path):
     script = tmp_path / "launched.py"
     script.write_text(LAUNCHED.format(here=HERE))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-               *training_flags(synthetic, tmp_path / "run", "--max-steps", "2", "--save-every", "100")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = run_processes([*LAUNCH_TWO, str(script),
+                          *training_flags(synthetic, tmp_path / "run", "--max-steps", "2", "--save-every", "100")])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
     rank0, rank1 = (torch.load(tmp_path / "run" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -679,13 +693,10 @@ def test_evaluation_with_two_processes_equals_one_process(synthetic, tmp_path):
     write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")               # 23 rows: odd, for 2 processes
     # Both runs in the same numeric setting (one thread, one question per batch), so any
     # difference can only come from sharding and gathering: a row dropped, doubled or misplaced.
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     flags = lambda out: [os.path.join(HERE, "vsgrpo.py"), *eval_flags(synthetic, tmp_path / "vsibench.jsonl", out),
                          "--eval-batch-size", "1"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    for command in ([sys.executable, *flags(tmp_path / "one")], [*launch, *flags(tmp_path / "two")]):
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    for command in ([sys.executable, *flags(tmp_path / "one")], [*LAUNCH_TWO, *flags(tmp_path / "two")]):
+        done = run_processes(command)
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
     assert one["scores"] == two["scores"] and one["not_evaluated"] == two["not_evaluated"]

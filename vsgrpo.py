@@ -31,8 +31,8 @@ from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalG
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
 
-from data import (PROMPTS, DataError, benchmark_prompt, expand_paths, load_samples, load_video, prompt_ids,
-                  question_text, read_rows, write_synthetic_dataset)
+from data import (PROMPTS, DataError, batch_indices, benchmark_prompt, expand_paths, load_batch, load_samples,
+                  load_video, prompt_ids, question_text, read_rows, write_synthetic_dataset)
 from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score, benchmark_score,
                      clean_prediction, extract_answer, task_scores)
 
@@ -213,33 +213,6 @@ def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, vide
     attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
     return Batch(samples, input_ids, attention_mask, [pv.to(device) for pv, _ in videos],
                  torch.stack([thw for _, thw in videos]).to(device))
-
-
-def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator) -> tuple[list, list, list]:
-    """Decode the videos of `indices`; a failing video is reported, counted and replaced by a random row."""
-    loaded, videos, failures = [], [], []
-    candidates = list(indices)
-    while len(loaded) < len(indices):
-        if len(failures) > args.max_bad_video_fraction * len(indices):
-            raise DataError(f"{len(failures)} of {len(indices)} videos in a batch failed, over "
-                            f"--max-bad-video-fraction {args.max_bad_video_fraction}:\n  " + "\n  ".join(failures))
-        index = candidates.pop(0) if candidates else int(rng.integers(len(samples)))
-        try:
-            videos.append(load_video(samples[index]["video"], args.num_frames, args.min_pixels, args.max_pixels))
-            loaded.append(samples[index])
-        except DataError as e:
-            failures.append(f"{samples[index]['source']}: {e}")
-            print(f"warning: skipped {failures[-1]}", file=sys.stderr)
-    return loaded, videos, failures
-
-
-def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples: int, seed: int) -> list[int]:
-    """The rows process `rank` trains on at `step`: a fresh seeded shuffle of the data every epoch."""
-    positions = [(step * world + rank) * batch_size + j for j in range(batch_size)]
-    order = {}
-    for epoch in {p // num_samples for p in positions}:
-        order[epoch] = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    return [int(order[p // num_samples][p % num_samples]) for p in positions]
 
 
 # ============================================================================ 4. log-probs
@@ -499,12 +472,6 @@ def average_over_processes(accelerator, metrics: dict) -> dict:
     return out
 
 
-def progress(step: int, total: int, elapsed: float) -> str:
-    done = int(20 * step / total)
-    eta = elapsed / step * (total - step)
-    return f"[{'#' * done}{'.' * (20 - done)}] {step}/{total} {elapsed / step:.1f}s/step eta {eta / 60:.1f}min"
-
-
 def print_completions(ro: Rollout, args) -> None:
     sample = ro.batch.samples[0]
     print(f"\n--- {sample['source']}: {sample['question']!r} (answer: {sample['answer']})")
@@ -575,14 +542,20 @@ def train(args) -> nn.Module:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(policy, tokenizer, os.path.join(args.output_dir, f"checkpoint-{step:06d}"))
+    # Free the DDP wrapper before the process group: if DDP's destructor drops the group's last
+    # reference, gloo tears down while holding the GIL and can deadlock (pytorch/pytorch#56297).
+    accelerator.free_memory(model, optimizer)
+    del model, optimizer
     accelerator.end_training()
     return policy
 
 
 def log_step(args, step: int, steps: int, metrics: dict, elapsed: float) -> None:
+    """Append the step to metrics.jsonl and print one line, led by a progress bar."""
     with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
-    print(f"{progress(step, steps, elapsed)} loss {metrics['loss']:+.4f} reward {metrics['reward']:.3f} "
+    bar = f"[{'#' * int(20 * step / steps):.<20}] {step}/{steps} {elapsed / step:.1f}s/step"
+    print(f"{bar} eta {elapsed / step * (steps - step) / 60:.1f}min loss {metrics['loss']:+.4f} reward {metrics['reward']:.3f} "
           f"kl {metrics['kl']:.2e} len {metrics['completion_length']:.0f} zero-std {metrics['zero_std_fraction']:.2f}",
           flush=True)
 
@@ -666,7 +639,9 @@ def run_evaluation(args) -> dict:
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
     policy, tokenizer = load_model(args, accelerator.device)
     predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
-    return write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
+    metrics = write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
+    accelerator.end_training()
+    return metrics
 
 
 # ============================================================================ 10. the offline demo
