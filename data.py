@@ -6,6 +6,7 @@ normalisation and the patch layout the vision tower expects.
 """
 import glob
 import json
+from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import sys
@@ -101,15 +102,45 @@ def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> d
     }
 
 
-def load_samples(patterns: list[str], video_root: str, prompt_mode: str) -> list[dict]:
-    """Every row of every file, normalised. Stops at the first bad row, naming file, row and field."""
+def load_samples(patterns: list[str], video_root: str, prompt_mode: str, errors: list | None = None) -> list[dict]:
+    """Every row of every file, normalised. A bad row raises an error naming file, row and field,
+    or, when `errors` is a list, is appended to it and left out."""
     samples = []
     for path in expand_paths(patterns):
         for i, row in enumerate(read_rows(path), start=1):
-            samples.append(normalise_row(row, f"{path} row {i}", video_root, prompt_mode))
-    if not samples:
+            try:
+                samples.append(normalise_row(row, f"{path} row {i}", video_root, prompt_mode))
+            except DataError as e:
+                if errors is None:
+                    raise
+                errors.append(str(e))
+    if not samples and not errors:
         raise DataError(f"no rows in {patterns}")
     return samples
+
+
+def check_videos(samples: list[dict], num_frames: int | None, workers: int = 8) -> list[str]:
+    """Problems with the rows' videos, each video checked once, in parallel threads.
+
+    num_frames None only checks that each file exists (cheap); a number decodes that many
+    frames, which finds truncated and corrupt files too.
+    """
+    first_row = {}
+    for s in samples:
+        first_row.setdefault(s["video"], s["source"])
+
+    def problem(path: str) -> str | None:
+        try:
+            if num_frames is None and not os.path.isfile(path):
+                raise DataError(f"video not found: {path}")
+            if num_frames is not None:
+                read_frames(path, num_frames)
+        except DataError as e:
+            return f"{first_row[path]}: {e}"
+        return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        return [p for p in pool.map(problem, first_row) if p]
 
 
 def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator) -> tuple[list, list, list]:

@@ -6,6 +6,7 @@ Expected values are computed by hand or by an independent formula inside each te
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -398,7 +399,7 @@ def test_merged_checkpoint_gives_the_adapter_models_logits(synthetic, tmp_path):
     for layer in lora.modules():
         if isinstance(layer, vsgrpo.LoRALinear):
             layer.lora_B.data.normal_(std=0.1)
-    vsgrpo.save_checkpoint(lora, tokenizer, str(tmp_path / "merged"))
+    vsgrpo.save_model(lora, tokenizer, str(tmp_path / "merged"))
     merged = vsgrpo.Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "merged")).eval()
     assert not any(isinstance(m, vsgrpo.LoRALinear) for m in merged.modules())
     batch = batch_of(synthetic, [0, 1], args, tokenizer, lora)
@@ -748,3 +749,165 @@ def test_shortened_demo_trains_a_tiny_model_offline_and_raises_held_out_accuracy
     assert result["mean_after"] > result["mean_before"] + 0.1, result
     out = capsys.readouterr().out
     assert "held-out accuracy (200 questions)" in out and "steps 1 to 80" in out and "A=" in out
+
+
+# ----------------------------------------------------------------------------- long runs survive
+TIMING_KEYS = ("seconds_", "tokens_per_s")
+
+
+def comparable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith(TIMING_KEYS)}
+
+
+def fail_on_call(function, n: int):
+    """`function`, except that its n-th call raises: a process killed at that point."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt(f"killed at call {n}")
+        return function(*args, **kwargs)
+    return wrapped
+
+
+def test_a_run_killed_after_a_checkpoint_and_resumed_reproduces_the_uninterrupted_run(synthetic, tmp_path, monkeypatch):
+    flags = lambda out, *extra: training_flags(synthetic, out, "--max-steps", "4", "--save-every", "2",
+                                               "--log-completions-every", "0", *extra)
+    whole = vsgrpo.main(flags(tmp_path / "whole"))
+    monkeypatch.setattr(vsgrpo, "optimise", fail_on_call(vsgrpo.optimise, 3))   # dies in step 3
+    with pytest.raises(KeyboardInterrupt):
+        vsgrpo.main(flags(tmp_path / "split"))
+    monkeypatch.undo()
+    assert [os.path.basename(c) for c in vsgrpo.checkpoints(str(tmp_path / "split"))] == ["checkpoint-000002"]
+    resumed = vsgrpo.main(flags(tmp_path / "split", "--resume"))
+    expected = [comparable(json.loads(line)) for line in open(tmp_path / "whole" / "metrics.jsonl")]
+    got = [comparable(json.loads(line)) for line in open(tmp_path / "split" / "metrics.jsonl")]
+    assert [m["step"] for m in got] == [1, 2, 3, 4] and got == expected
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_as_the_latest(synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr(vsgrpo, "save_file", fail_on_call(vsgrpo.save_file, 2))  # the 2nd save dies mid-way
+    with pytest.raises(KeyboardInterrupt):
+        vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "4", "--save-every", "2"))
+    assert [os.path.basename(c) for c in vsgrpo.checkpoints(str(tmp_path))] == ["checkpoint-000002"]
+    assert os.path.isdir(tmp_path / "checkpoint-000004.partial")             # the torn save, never taken
+    monkeypatch.undo()
+    vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "4", "--save-every", "2", "--resume"))
+    assert [os.path.basename(c) for c in vsgrpo.checkpoints(str(tmp_path))] == ["checkpoint-000002",
+                                                                                 "checkpoint-000004"]
+
+
+def test_only_the_newest_checkpoints_are_kept(synthetic, tmp_path):
+    vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "3", "--save-every", "1", "--keep", "2"))
+    assert [os.path.basename(c) for c in vsgrpo.checkpoints(str(tmp_path))] == ["checkpoint-000002",
+                                                                                 "checkpoint-000003"]
+    trainer = tmp_path / "checkpoint-000003" / "trainer"
+    assert sorted(os.listdir(trainer)) == ["optimizer.pt", "rng-rank0.pt", "state.json", "trainable.safetensors"]
+
+
+def plant_faults(synthetic, tmp_path) -> str:
+    """Synthetic rows plus a missing video, a truncated mp4, a row without an answer, and a
+    counting question answered with a word."""
+    rows = list(synthetic["rows"][:4])
+    good = os.path.join(synthetic["videos"], "synthetic", "train_00000.mp4")
+    os.makedirs(tmp_path / "videos" / "synthetic")
+    for r in rows:
+        shutil.copy(os.path.join(synthetic["videos"], "synthetic", f"{r['scene_name']}.mp4"),
+                    tmp_path / "videos" / "synthetic" / f"{r['scene_name']}.mp4")
+    (tmp_path / "videos" / "synthetic" / "torn.mp4").write_bytes(open(good, "rb").read()[:1500])
+    rows += [dict(rows[0], id="gone", scene_name="gone"), dict(rows[0], id="torn", scene_name="torn"),
+             {k: v for k, v in rows[1].items() if k != "ground_truth"},
+             dict(rows[0], id="wordy", question_type="object_counting", ground_truth="many")]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_check_data_lists_every_planted_fault_and_fails(synthetic, tmp_path, capsys):
+    rows = plant_faults(synthetic, tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main(["--check-data", "--data", rows, "--video-root", str(tmp_path / "videos"), "--num-frames", "4"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 1
+    assert "rows.jsonl row 7: missing field 'ground_truth'" in out
+    assert "rows.jsonl row 8: answer 'many' of numeric question type 'object_counting' is not a number" in out
+    assert "row 5: video not found" in out and "gone.mp4" in out
+    assert "row 6: cannot decode video" in out and "torn.mp4" in out
+    assert "2 bad rows" in out and "2 missing or undecodable videos" in out and "6 good rows, 6 videos" in out
+
+
+def test_check_data_passes_a_clean_dataset(synthetic, capsys):
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main(["--check-data", "--data", synthetic["data"], "--video-root", synthetic["videos"]])
+    assert stop.value.code == 0 and "12 good rows, 12 videos" in capsys.readouterr().out
+
+
+def test_training_refuses_bad_rows_before_loading_any_model(synthetic, tmp_path):
+    rows = plant_faults(synthetic, tmp_path)
+    with pytest.raises(SystemExit, match="2 bad row"):
+        vsgrpo.main(["--model", "/no/such/model", "--data", rows, "--video-root", str(tmp_path / "videos")])
+
+
+@rewards.reward("nan_on_step_2")
+def nan_on_step_2(completions, samples, calls=[]):
+    calls.append(1)
+    return [float("nan") if len(calls) % 4 == 2 else float(len(c)) for c in completions]
+
+
+@rewards.reward("always_nan")
+def always_nan(completions, samples):
+    return [float("nan")] * len(completions)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(synthetic, tmp_path):
+    nan_on_step_2.__defaults__[0].clear()
+    policy = vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "4", "--rewards", "nan_on_step_2"))
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["nonfinite"] for m in metrics] == [0, 1, 0, 0]
+    assert any(v.abs().sum() > 0 for k, v in policy.state_dict().items() if k.endswith("lora_B"))
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_a_last_good_checkpoint(synthetic, tmp_path):
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss or gradient") as stop:
+        vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "10", "--rewards", "always_nan"))
+    assert "checkpoint-000003" in str(stop.value)
+    good = load_file_from(tmp_path / "checkpoint-000003" / "trainer" / "trainable.safetensors")
+    assert all(v.abs().sum() == 0 for k, v in good.items() if k.endswith("lora_B"))   # no NaN step was applied
+
+
+def load_file_from(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+FAULTY = """
+import os, sys
+sys.path.insert(0, {here!r})
+import rewards, vsgrpo
+def faulty(completions, samples, calls=[]):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        raise ValueError("injected fault on rank 1")
+    return [float(len(c)) for c in completions]
+rewards.reward("digits")(faulty)
+vsgrpo.main(sys.argv[1:])
+"""
+
+
+def test_an_error_on_one_process_ends_all_of_them_with_that_error(synthetic, tmp_path):
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY.format(here=HERE))
+    done = run_processes([*LAUNCH_TWO, str(script), *training_flags(synthetic, tmp_path / "run", "--max-steps", "5")],
+                         timeout=120)
+    assert done.returncode != 0 and "injected fault on rank 1" in done.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-000005")
+
+
+def test_loading_is_safe_by_default():
+    assert vsgrpo.build_parser().parse_args([]).trust_remote_code is False
+    source = open(os.path.join(HERE, "vsgrpo.py")).read()
+    loads = [line for line in source.splitlines() if "torch.load(" in line]
+    assert loads and all("weights_only=True" in line for line in loads)

@@ -14,6 +14,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -26,13 +28,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalGeneration
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
 
-from data import (PROMPTS, DataError, batch_indices, benchmark_prompt, expand_paths, load_batch, load_samples,
-                  load_video, prompt_ids, question_text, read_rows, write_synthetic_dataset)
+from data import (NUMERIC_TYPES, PROMPTS, DataError, batch_indices, benchmark_prompt, check_videos, expand_paths,
+                  load_batch, load_samples, load_video, prompt_ids, question_text, read_rows, write_synthetic_dataset)
 from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score, benchmark_score,
                      clean_prediction, extract_answer, task_scores)
 
@@ -74,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seeds LoRA init, data order and sampling")
     a("--max-bad-video-fraction", type=float, default=0.5, help="stop when more of a batch's videos fail (our choice)")
     a("--log-completions-every", type=int, default=10, help="print one question's G completions every N steps")
-    a("--save-every", type=int, default=500, help="merged checkpoint every N steps, and at the end")
+    a("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end")
+    a("--keep", type=int, default=3, help="checkpoints kept, the newest (our choice)")
+    a("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --output-dir, or from PATH")
+    a("--max-nonfinite-steps", type=int, default=3, help="stop after this many non-finite steps in a row (our choice)")
+    a("--check-data", action="store_true", help="check every row and video of --data (in parallel) and exit")
+    a("--trust-remote-code", action="store_true", help="let the checkpoint run its own code (off: safe loading)")
     a("--eval-only", action="store_true", help="score --model on --eval-data (VSI-Bench) and exit")
     a("--eval-data", nargs="+", help="VSI-Bench rows: JSON or JSONL with the benchmark's field names")
     a("--eval-video-root", default=".", help="a row's video is {root}/{dataset}/{scene_name}.mp4")
@@ -106,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("format" in args.rewards and args.prompt_mode == "vanilla",
          "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags"),
         (not args.data and not (args.eval_only or args.demo), "--data is required"),
+        (args.keep < 1 or args.max_nonfinite_steps < 1, "--keep and --max-nonfinite-steps must be at least 1"),
         ((args.eval_only or args.eval_every) and not args.eval_data, "--eval-only and --eval-every need --eval-data"),
         (args.eval_num_frames < 1, "--eval-num-frames must be at least 1"),
     ]
@@ -181,8 +190,9 @@ def load_model(args, device: torch.device):
     """Policy pi_theta (with LoRA adapters unless --lora-rank 0) and its tokenizer."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen2VLForConditionalGeneration.from_pretrained(
-        args.model, dtype=dtype, attn_implementation=args.attn_implementation).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+        args.model, dtype=dtype, attn_implementation=args.attn_implementation,
+        trust_remote_code=args.trust_remote_code).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model.requires_grad_(False)
     # The vision tower stays frozen in both modes, as with the paper's LoRA on the language model.
     if args.lora_rank > 0:
@@ -443,7 +453,10 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
             stats["kl"] += (kl * mask).sum().item() / num_tokens / args.num_iterations
             stats["clip_fraction"] += (clipped * mask).sum().item() / num_tokens / args.num_iterations
         stats["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm))
-        optimizer.step()
+        # The norm is taken after DDP's all-reduce, so every process makes the same choice.
+        stats["nonfinite"] = float(not math.isfinite(stats["grad_norm"]))
+        if not stats["nonfinite"]:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
 
@@ -480,10 +493,68 @@ def print_completions(ro: Rollout, args) -> None:
         print(f"  [{rewards} A={ro.advantages[i].item():+.2f}] {ro.completions[i]!r}")
 
 
-def save_checkpoint(policy, tokenizer, path: str) -> None:
+def save_model(policy, tokenizer, path: str) -> None:
     """A merged, plain Qwen2-VL checkpoint that from_pretrained loads, tokenizer beside it."""
     policy.save_pretrained(path, state_dict=merged_state_dict(policy))
     tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) -> str:
+    """checkpoint-N/: the merged model, and in trainer/ what --resume needs.
+
+    Written to checkpoint-N.partial and renamed into place, so a kill during a save leaves
+    no checkpoint that looks complete and is not. Only the newest --keep are kept.
+    """
+    final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
+    partial = final + ".partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(os.path.join(partial, "trainer"))
+    accelerator.wait_for_everyone()
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    torch.save(rng, os.path.join(partial, "trainer", f"rng-rank{accelerator.process_index}.pt"))
+    if accelerator.is_main_process:
+        save_model(policy, tokenizer, partial)
+        save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
+                  os.path.join(partial, "trainer", "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(partial, "trainer", "optimizer.pt"))
+        with open(os.path.join(partial, "trainer", "state.json"), "w") as f:
+            json.dump({"step": step, "world_size": accelerator.num_processes, "seed": args.seed}, f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # only when a resumed run saves the same step again
+        os.rename(partial, final)
+        for old in checkpoints(args.output_dir)[:-args.keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first (a .partial one is never complete)."""
+    names = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(output_dir) else []
+    return [os.path.join(output_dir, n) for n in sorted(names)]
+
+
+def restore_checkpoint(path: str, policy, optimizer, rank: int) -> int:
+    """Trainable weights, optimizer and this process's random state; returns the step to go on from."""
+    trainer = os.path.join(path, "trainer")
+    if not os.path.isfile(os.path.join(trainer, "state.json")):
+        raise DataError(f"--resume: {path} is not a complete vsgrpo checkpoint (no trainer/state.json)")
+    trainable = load_file(os.path.join(trainer, "trainable.safetensors"))
+    expected = {n for n, p in policy.named_parameters() if p.requires_grad}
+    if set(trainable) != expected:
+        raise DataError(f"--resume: {path} holds other trainable weights (another --lora-rank?)")
+    policy.load_state_dict(trainable, strict=False)
+    optimizer.load_state_dict(torch.load(os.path.join(trainer, "optimizer.pt"), weights_only=True))
+    rng_path = os.path.join(trainer, f"rng-rank{rank}.pt")
+    if os.path.isfile(rng_path):  # absent when resuming on more processes than saved
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(trainer, "state.json")) as f:
+        return json.load(f)["step"]
 
 
 def make_accelerator() -> Accelerator:
@@ -497,7 +568,7 @@ def make_accelerator() -> Accelerator:
 
 def train(args) -> nn.Module:
     """The whole run; returns the trained policy (unwrapped)."""
-    samples = load_samples(args.data, args.video_root, args.prompt_mode)
+    samples = checked_samples(args)
     eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt) if args.eval_every else []
     eval_rows = eval_rows[:args.eval_limit or None]
     accelerator = make_accelerator()
@@ -513,12 +584,16 @@ def train(args) -> nn.Module:
     rank, world = accelerator.process_index, accelerator.num_processes
     steps = args.max_steps or max(1, len(samples) // (args.batch_size * world))
     os.makedirs(args.output_dir, exist_ok=True)
+    resume_from = (checkpoints(args.output_dir) or [None])[-1] if args.resume == "latest" else args.resume
+    # The data position needs no saving: a step's rows follow from (seed, step, rank).
+    start = restore_checkpoint(resume_from, policy, optimizer, rank) if resume_from else 0
     if accelerator.is_main_process:
-        open(os.path.join(args.output_dir, "metrics.jsonl"), "w").close()  # a new run, a new log
+        keep_metrics_up_to(os.path.join(args.output_dir, "metrics.jsonl"), start)
         print(f"{len(samples)} questions, {world} process(es), {steps} steps of "
-              f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}")
-    started = time.perf_counter()
-    for step in range(1, steps + 1):
+              f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}" +
+              (f"; resumed from {resume_from} at step {start}" if resume_from else ""))
+    started, nonfinite_in_a_row = time.perf_counter(), 0
+    for step in range(start + 1, steps + 1):
         timings = {}
         with timed(timings, "video_loading"):
             indices = batch_indices(step - 1, rank, world, args.batch_size, len(samples), args.seed)
@@ -535,13 +610,18 @@ def train(args) -> nn.Module:
             predictions, _ = evaluate(policy, tokenizer, eval_rows, args, accelerator)
             metrics["eval_avg"] = task_scores(predictions)["Avg"]
         if accelerator.is_main_process:
-            log_step(args, step, steps, metrics, time.perf_counter() - started)
+            log_step(args, step, steps, metrics, (time.perf_counter() - started) / (step - start))
             if args.log_completions_every and step % args.log_completions_every == 0:
                 print_completions(ro, args)
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if stats["nonfinite"] else 0
+        if nonfinite_in_a_row:
+            print(f"warning: step {step} skipped: non-finite loss or gradient", file=sys.stderr)
+        if nonfinite_in_a_row >= args.max_nonfinite_steps:
+            path = save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step)
+            raise RuntimeError(f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient; "
+                               f"stopped. The last good weights are in {path}")
         if step % args.save_every == 0 or step == steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(policy, tokenizer, os.path.join(args.output_dir, f"checkpoint-{step:06d}"))
+            save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step)
     # Free the DDP wrapper before the process group: if DDP's destructor drops the group's last
     # reference, gloo tears down while holding the GIL and can deadlock (pytorch/pytorch#56297).
     accelerator.free_memory(model, optimizer)
@@ -550,12 +630,51 @@ def train(args) -> nn.Module:
     return policy
 
 
-def log_step(args, step: int, steps: int, metrics: dict, elapsed: float) -> None:
+def checked_samples(args) -> list[dict]:
+    """The cheap part of --check-data, before any model is loaded: every row, and every video file exists."""
+    errors = []
+    samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
+    if errors:
+        raise DataError(f"{len(errors)} bad row(s):\n  " + "\n  ".join(errors[:20]) + "\n(--check-data lists all)")
+    missing = check_videos(samples, num_frames=None)
+    if missing:
+        print(f"warning: {len(missing)} video(s) missing, their rows will be skipped:\n  " +
+              "\n  ".join(missing[:10]), file=sys.stderr)
+    if len(missing) > args.max_bad_video_fraction * len({s["video"] for s in samples}):
+        raise DataError(f"{len(missing)} videos missing, over --max-bad-video-fraction {args.max_bad_video_fraction}")
+    return samples
+
+
+def keep_metrics_up_to(path: str, step: int) -> None:
+    """A resumed run keeps the log of the steps it did not redo; a new run starts an empty log."""
+    kept = [line for line in open(path) if json.loads(line)["step"] <= step] if step and os.path.exists(path) else []
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def run_check_data(args) -> int:
+    """--check-data: every row and every video, in parallel; 1 if anything is wrong."""
+    errors = []
+    samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
+    bad_videos = check_videos(samples, args.num_frames)
+    types = {}
+    for s in samples:
+        types[s["question_type"] or "(untyped)"] = types.get(s["question_type"] or "(untyped)", 0) + 1
+    print(f"{len(samples)} good rows, {len({s['video'] for s in samples})} videos")
+    for question_type, count in sorted(types.items()):
+        print(f"  {question_type:32} {count:7}{'  numeric' if question_type in NUMERIC_TYPES else ''}")
+    for title, problems in (("bad rows (missing fields, answers the rewards cannot score)", errors),
+                            ("missing or undecodable videos", bad_videos)):
+        print(f"{len(problems)} {title}" + "".join(f"\n  {p}" for p in problems))
+    return 1 if errors or bad_videos else 0
+
+
+def log_step(args, step: int, steps: int, metrics: dict, seconds_per_step: float) -> None:
     """Append the step to metrics.jsonl and print one line, led by a progress bar."""
     with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
-    bar = f"[{'#' * int(20 * step / steps):.<20}] {step}/{steps} {elapsed / step:.1f}s/step"
-    print(f"{bar} eta {elapsed / step * (steps - step) / 60:.1f}min loss {metrics['loss']:+.4f} reward {metrics['reward']:.3f} "
+    bar = f"[{'#' * int(20 * step / steps):.<20}] {step}/{steps} {seconds_per_step:.1f}s/step"
+    print(f"{bar} eta {seconds_per_step * (steps - step) / 60:.1f}min loss {metrics['loss']:+.4f} reward {metrics['reward']:.3f} "
           f"kl {metrics['kl']:.2e} len {metrics['completion_length']:.0f} zero-std {metrics['zero_std_fraction']:.2f}",
           flush=True)
 
@@ -744,6 +863,8 @@ def main(argv=None) -> nn.Module:
     try:
         if args.demo:
             return run_demo(argv)
+        if args.check_data:
+            sys.exit(run_check_data(args))
         return run_evaluation(args) if args.eval_only else train(args)
     except DataError as e:
         sys.exit(f"error: {e}")
