@@ -118,6 +118,18 @@ def format_reward(completions: list[str], samples: list[dict]) -> list[float]:
     return [float(FORMATS[s["prompt_mode"]].fullmatch(c) is not None) for c, s in zip(completions, samples)]
 
 
+def score_completions(completions: list[str], samples: list[dict], names: list[str],
+                      weights: list[float]) -> dict[str, list[float]]:
+    """Each named reward of each completion, and under "total" the weighted sum r_i that GRPO uses."""
+    scores = {}
+    for name in names:
+        scores[name] = [float(x) for x in REWARDS[name](completions, samples)]
+        if len(scores[name]) != len(completions):
+            raise ValueError(f"reward {name!r} returned {len(scores[name])} values for {len(completions)} completions")
+    scores["total"] = [sum(w * scores[n][i] for n, w in zip(names, weights)) for i in range(len(completions))]
+    return scores
+
+
 # ----------------------------------------------------------------------------- VSI-Bench scoring
 # The benchmark's tasks in the paper's column order: task -> question types (Rel. Dir. is three
 # types whose scores are averaged into one).
@@ -158,3 +170,12 @@ def task_scores(predictions: list[dict]) -> dict[str, float]:
             scores[task] = float(np.mean(type_means))
     scores["Avg"] = float(np.mean(list(scores.values()))) if scores else 0.0
     return scores
+
+
+def no_video_baseline(rows: list[dict]) -> dict[str, float]:
+    """Per question type, the best score one fixed answer gets: what a model blind to the video can do."""
+    best = {}
+    for question_type in {r["question_type"] for r in rows}:
+        typed = [r for r in rows if r["question_type"] == question_type]
+        best[question_type] = max(np.mean([answer_score(a, r) for r in typed]) for a in {r["answer"] for r in typed})
+    return best

@@ -153,6 +153,16 @@ def test_no_completion_crashes_scoring():
                 assert len(scores) == len(odd) and all(0.0 <= s <= 1.0 for s in scores)
 
 
+def test_total_reward_is_the_weighted_sum_and_a_miscounting_reward_is_named():
+    samples = [{"answer": "left", "kind": "word", "prompt_mode": "think"}] * 2
+    completions = ["<think>a</think><answer>left</answer>", "<answer>right</answer>"]
+    scores = rewards.score_completions(completions, samples, ["accuracy", "format"], [1.0, 0.5])
+    assert scores == {"accuracy": [1.0, 0.0], "format": [1.0, 0.0], "total": [1.5, 0.0]}
+    rewards.reward("short_by_one")(lambda completions, samples: [0.0] * (len(completions) - 1))
+    with pytest.raises(ValueError, match="reward 'short_by_one' returned 1 values for 2 completions"):
+        rewards.score_completions(completions, samples, ["short_by_one"], [1.0])
+
+
 # ----------------------------------------------------------------------------- advantages and loss
 def test_group_advantages_by_hand():
     rewards_ = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
@@ -728,7 +738,7 @@ def test_readme_test_command_is_the_one_ci_runs():
 def test_no_video_baseline_is_the_best_single_answer_per_type():
     rows = [{"question_type": "count", "kind": "numeric", "answer": a} for a in ("2", "2", "4")] + \
            [{"question_type": "side", "kind": "word", "answer": a} for a in ("left", "right", "right", "right")]
-    best = vsgrpo.no_video_baseline(rows)
+    best = rewards.no_video_baseline(rows)
     # "2": MRA 1, 1, 0 (|2-4|/4 = 0.5 passes only theta 0.5: 0.1) -> (1 + 1 + 0.1) / 3 = 0.7; "4" scores 0 on the 2s
     assert best["count"] == pytest.approx(2.1 / 3)
     assert best["side"] == pytest.approx(0.75)

@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
 from data import (NUMERIC_TYPES, PROMPTS, DataError, batch_indices, benchmark_prompt, check_videos, expand_paths,
                   load_batch, load_samples, load_video, prompt_ids, question_text, read_rows, write_synthetic_dataset)
 from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score, benchmark_score,
-                     clean_prediction, extract_answer, task_scores)
+                     clean_prediction, extract_answer, no_video_baseline, score_completions, task_scores)
 
 
 # ============================================================================ 1. arguments
@@ -329,17 +329,6 @@ def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[
                                   skip_special_tokens=True)
 
 
-def score(completions: list[str], samples: list[dict], names: list[str], device) -> dict[str, torch.Tensor]:
-    """Each reward's value for each completion: name -> [n]."""
-    scores = {}
-    for name in names:
-        values = REWARDS[name](completions, samples)
-        if len(values) != len(completions):
-            raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
-        scores[name] = torch.tensor(values, dtype=torch.float32, device=device)
-    return scores
-
-
 # ============================================================================ 6. advantages
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4): [B*G] -> [B*G].
@@ -416,8 +405,8 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> 
     with timed(timings, "scoring"):
         completions = decode(tokenizer, completion_ids, mask)
         samples = [s for s in batch.samples for _ in range(args.num_generations)]
-        rewards = score(completions, samples, args.rewards, completion_ids.device)
-        rewards["total"] = sum(w * rewards[name] for name, w in zip(args.rewards, args.reward_weights))
+        rewards = {name: torch.tensor(values, device=completion_ids.device) for name, values in
+                   score_completions(completions, samples, args.rewards, args.reward_weights).items()}
         advantages = group_advantages(rewards["total"], args.num_generations)
     with timed(timings, "logprob_passes"):
         old_logps = logps_in_chunks(policy, batch, completion_ids, mask, args) if args.num_iterations > 1 else None
@@ -804,15 +793,6 @@ def demo_flags(out: str) -> list[str]:
             "--eval-max-new-tokens", "1", "--lora-rank", "0", "--learning-rate", "1e-3", "-G", "8",
             "--batch-size", "16", "--micro-batch-size", "128", "--max-steps", "400", "--save-every", "400",
             "--log-completions-every", "100", "--eval-batch-size", "50"]
-
-
-def no_video_baseline(rows: list[dict]) -> dict[str, float]:
-    """Per question type, the best score one fixed answer gets: what a model blind to the video can do."""
-    best = {}
-    for question_type in {r["question_type"] for r in rows}:
-        typed = [r for r in rows if r["question_type"] == question_type]
-        best[question_type] = max(np.mean([answer_score(a, r) for r in typed]) for a in {r["answer"] for r in typed})
-    return best
 
 
 def reward_curve(values: list[float], height: int = 8, width: int = 60) -> str:
