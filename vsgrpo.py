@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
          f"--reward-weights has {len(args.reward_weights)} values for {len(args.rewards)} rewards"),
         ("format" in args.rewards and args.prompt_mode == "vanilla",
          "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags"),
-        (not args.data and not (args.eval_only or args.demo), "--data is required"),
+        (not args.data and not (args.eval_only or args.demo), "--data is required (no data yet? try --demo)"),
         (args.keep < 1 or args.max_nonfinite_steps < 1, "--keep and --max-nonfinite-steps must be at least 1"),
         ((args.eval_only or args.eval_every) and not args.eval_data, "--eval-only and --eval-every need --eval-data"),
         (args.eval_num_frames < 1, "--eval-num-frames must be at least 1"),
