@@ -248,16 +248,18 @@ def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
 def test_completion_mask_keeps_the_first_eos_even_when_pad_is_eos():
     eos = 7
     ids = torch.tensor([[3, 4, eos, eos, eos], [3, eos, 5, 6, eos], [3, 4, 5, 6, 2]])
-    assert vsgrpo.completion_mask(ids, [eos]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    mask, truncated = vsgrpo.completion_mask(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]                # only the last never ends
 
 
 def test_step_metrics_by_hand():
     eos = 9
     ids = torch.tensor([[1, 2, eos, 0], [1, 2, 3, 4], [eos, 0, 0, 0], [1, 2, 3, eos]])
     reward = torch.tensor([1.0, 0.0, 0.5, 0.5])               # groups of G=2: [1, 0] and [0.5, 0.5]
-    ro = vsgrpo.Rollout(None, ids, vsgrpo.completion_mask(ids, [eos]), ["x"] * 4,
+    ro = vsgrpo.Rollout(None, ids, *vsgrpo.completion_mask(ids, [eos]), ["x"] * 4,
                         {"accuracy": reward, "total": reward}, torch.zeros(4), None, None)
-    args = vsgrpo.argparse.Namespace(eos_ids=[eos], num_generations=2, rewards=["accuracy"])
+    args = vsgrpo.argparse.Namespace(num_generations=2, rewards=["accuracy"])
     m = vsgrpo.step_metrics(ro, args, {"generation": 2.0, "optimisation": 1.0}, {"loss": 0.5}, 1, 1e-5)
     assert m["truncated_fraction"] == 0.25                     # only row 2 never ends
     assert (m["completion_length"], m["completion_length_max"]) == ((3 + 4 + 1 + 4) / 4, 4)
@@ -433,7 +435,7 @@ def test_sampling_and_training_log_probs_agree_on_a_left_padded_batch(synthetic)
                          generation_config=config)
     completion_ids = out.sequences[:, batch.input_ids.shape[1]:]
     sampled = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
-    mask = vsgrpo.completion_mask(completion_ids, vsgrpo.eos_token_ids(model, tokenizer))
+    mask, _ = vsgrpo.completion_mask(completion_ids, vsgrpo.eos_token_ids(model, tokenizer))
     with torch.no_grad():
         trained = vsgrpo.completion_logps(model, batch, completion_ids, mask, torch.arange(6), args)
     assert mask.sum() > 6

@@ -269,6 +269,7 @@ class Rollout:
     batch: Batch
     completion_ids: torch.Tensor    # [B*G, C]
     completion_mask: torch.Tensor   # [B*G, C]: 1 up to and including the first EOS
+    truncated: torch.Tensor         # [B*G]: no EOS within --max-completion-length
     completions: list[str]
     rewards: dict[str, torch.Tensor]  # reward name -> [B*G]
     advantages: torch.Tensor        # [B*G]
@@ -312,15 +313,16 @@ def generate(model, batch: Batch, config: GenerationConfig) -> torch.Tensor:
     return sequences[:, batch.input_ids.shape[1]:]
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """1 on tokens up to and including the first EOS, 0 after it: [n, C].
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [n, C]: 1 on tokens up to and including the first EOS, 0 after it;
+    truncated [n]: True where no EOS came before the length limit).
 
     Found by position, not by token id, so the EOS itself counts even when pad == EOS.
     """
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [n, C]
-    length = completion_ids.shape[1]
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), length)  # [n]
-    return (torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]).long()
+    length, ended = completion_ids.shape[1], is_eos.any(1)
+    first_eos = torch.where(ended, is_eos.int().argmax(1), length)  # [n]
+    return (torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]).long(), ~ended
 
 
 def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -400,8 +402,9 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> 
     """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
     policy.eval()
     with timed(timings, "generation"):
-        completion_ids = generate(policy, batch, generation_config(policy, tokenizer, args))
-        mask = completion_mask(completion_ids, eos_token_ids(policy, tokenizer))
+        config = generation_config(policy, tokenizer, args)
+        completion_ids = generate(policy, batch, config)
+        mask, truncated = completion_mask(completion_ids, config.eos_token_id)
     with timed(timings, "scoring"):
         completions = decode(tokenizer, completion_ids, mask)
         samples = [s for s in batch.samples for _ in range(args.num_generations)]
@@ -416,7 +419,7 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> 
         elif args.beta > 0:
             with lora_disabled(policy):
                 ref_logps = logps_in_chunks(policy, batch, completion_ids, mask, args)
-    return Rollout(batch, completion_ids, mask, completions, rewards, advantages, old_logps, ref_logps)
+    return Rollout(batch, completion_ids, mask, truncated, completions, rewards, advantages, old_logps, ref_logps)
 
 
 def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
@@ -452,12 +455,11 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
 
 def step_metrics(ro: Rollout, args, timings: dict, stats: dict, num_bad: int, lr: float) -> dict:
     lengths = ro.completion_mask.sum(1).float()
-    truncated = ~torch.isin(ro.completion_ids, torch.tensor(args.eos_ids, device=lengths.device)).any(1)  # no EOS
     groups = ro.rewards["total"].view(-1, args.num_generations)
     metrics = {**stats, "reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
                "zero_std_fraction": (groups.std(1) == 0).float().mean().item(),
                "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
-               "truncated_fraction": truncated.float().mean().item(), "bad_videos": float(num_bad),
+               "truncated_fraction": ro.truncated.float().mean().item(), "bad_videos": float(num_bad),
                "learning_rate": lr, "tokens_per_s": lengths.sum().item() / max(sum(timings.values()), 1e-9)}
     metrics.update({f"reward_{name}": ro.rewards[name].mean().item() for name in args.rewards})
     metrics.update({f"seconds_{phase}": t for phase, t in timings.items()})
@@ -563,7 +565,6 @@ def train(args) -> nn.Module:
     accelerator = make_accelerator()
     set_seed(args.seed)  # same LoRA initialisation on every process
     model, tokenizer = load_model(args, accelerator.device)
-    args.eos_ids = eos_token_ids(model, tokenizer)
     ref_model = reference_model(model, args)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -699,7 +700,7 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
         batch = collate([row for _, row, _ in chunk], texts, [video for _, _, video in chunk], tokenizer,
                         policy.config.video_token_id, policy.device)
         completion_ids = generate(policy, batch, config)
-        outputs = decode(tokenizer, completion_ids, completion_mask(completion_ids, config.eos_token_id))
+        outputs = decode(tokenizer, completion_ids, completion_mask(completion_ids, config.eos_token_id)[0])
         for (i, row, _), text, raw in zip(chunk, texts, outputs):
             prediction = clean_prediction(raw, args.eval_prompt) if benchmark else extract_answer(raw, row["prompt_mode"])
             score = benchmark_score(prediction, row) if benchmark else answer_score(prediction, row)
