@@ -348,10 +348,11 @@ def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:
 
 
 def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num_frames: int = 8,
-                            question_types: tuple = SYNTHETIC_TYPES, name: str = "train") -> str:
+                            question_types: tuple = SYNTHETIC_TYPES, name: str = "train", scale: int = 1) -> str:
     """Write videos under out_dir/videos and rows to out_dir/{name}.jsonl; returns the JSONL path.
 
-    Rows use VSI-Bench's field names, so --video-root out_dir/videos reads them back.
+    Rows use VSI-Bench's field names, so --video-root out_dir/videos reads them back. `scale`
+    enlarges the frames (4: 448x448, enough to fill Qwen2-VL's usual pixel budget).
     """
     rng = np.random.default_rng(seed)
     rows = []
@@ -359,7 +360,8 @@ def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num
         question_type = question_types[i % len(question_types)]
         cells, question, answer = synthetic_question(question_type, rng)
         scene = f"{name}_{i:05d}"
-        write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"), draw_scene(cells, num_frames, rng))
+        frames = draw_scene(cells, num_frames, rng).repeat(scale, 1).repeat(scale, 2)
+        write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"), frames)
         rows.append({"id": scene, "dataset": "synthetic", "scene_name": scene, "question_type": question_type,
                      "question": question, "ground_truth": answer, "options": []})
     path = os.path.join(out_dir, f"{name}.jsonl")

@@ -1,8 +1,9 @@
 """vsGRPO's specification as tests: offline, CPU, a tiny random Qwen2-VL written to disk
-(vsgrpo.build_tiny_model) and loaded through from_pretrained, as a real checkpoint is.
+(vsgrpo.build_random_model) and loaded through from_pretrained, as a real checkpoint is.
 
 Expected values are computed by hand or by an independent formula inside each test.
 """
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ def synthetic(tmp_path_factory):
     path = data.write_synthetic_dataset(root, 12, seed=0)
     rows = [json.loads(line) for line in open(path)]
     model_dir = os.path.join(root, "tiny-qwen2-vl")
-    vsgrpo.build_tiny_model(model_dir, [r["question"] + " " + r["ground_truth"] for r in rows] +
+    vsgrpo.build_random_model(model_dir, [r["question"] + " " + r["ground_truth"] for r in rows] +
                             list(data.PROMPTS.values()) + ["system you are a helpful assistant user"])
     return {"root": root, "data": path, "videos": os.path.join(root, "videos"), "model": model_dir, "rows": rows}
 
@@ -257,14 +258,18 @@ def test_step_metrics_by_hand():
     eos = 9
     ids = torch.tensor([[1, 2, eos, 0], [1, 2, 3, 4], [eos, 0, 0, 0], [1, 2, 3, eos]])
     reward = torch.tensor([1.0, 0.0, 0.5, 0.5])               # groups of G=2: [1, 0] and [0.5, 0.5]
-    ro = vsgrpo.Rollout(None, ids, *vsgrpo.completion_mask(ids, [eos]), ["x"] * 4,
+    prompts = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # two questions, prompts of 3 and 5 tokens
+    batch = vsgrpo.Batch([{}, {}], prompts, prompts, [], torch.zeros(2, 3))
+    ro = vsgrpo.Rollout(batch, ids, *vsgrpo.completion_mask(ids, [eos]), ["x"] * 4,
                         {"accuracy": reward, "total": reward}, torch.zeros(4), None, None)
-    args = vsgrpo.argparse.Namespace(num_generations=2, rewards=["accuracy"])
-    m = vsgrpo.step_metrics(ro, args, {"generation": 2.0, "optimisation": 1.0}, {"loss": 0.5}, 1, 1e-5)
+    args = vsgrpo.argparse.Namespace(num_generations=2, rewards=["accuracy"], num_iterations=2)
+    m = vsgrpo.step_metrics(ro, args, {"generation": 2.0, "optimisation": 4.0}, {"loss": 0.5}, 1, 1e-5)
     assert m["truncated_fraction"] == 0.25                     # only row 2 never ends
     assert (m["completion_length"], m["completion_length_max"]) == ((3 + 4 + 1 + 4) / 4, 4)
     assert m["zero_std_fraction"] == 0.5 and m["reward"] == 0.5
-    assert m["tokens_per_s"] == pytest.approx(12 / 3.0) and m["seconds_generation"] == 2.0
+    assert m["generated_tokens_per_s"] == pytest.approx(12 / 2.0) and m["seconds_generation"] == 2.0
+    # each pass reads 2 x 3 + 2 x 5 prompt tokens and 12 completion tokens; mu = 2 passes in 4 s
+    assert m["train_tokens_per_s"] == pytest.approx(2 * (2 * 3 + 2 * 5 + 12) / 4.0)
 
 
 # ----------------------------------------------------------------------------- video
@@ -455,6 +460,46 @@ def test_reference_log_probs_see_the_video(synthetic):
     assert (seen - blind).abs().max() > 1e-4
 
 
+
+def test_reused_video_features_give_the_same_samples_log_probs_loss_and_gradients(synthetic):
+    args, model, tokenizer = load_tiny(synthetic)
+    torch.manual_seed(1)
+    for layer in model.modules():                       # a policy that differs from its reference
+        if isinstance(layer, vsgrpo.LoRALinear):
+            layer.lora_B.data.normal_(std=0.1)
+    args.num_generations = 3
+    plain = batch_of(synthetic, [0, 1], args, tokenizer, model)        # two videos, one prompt left-padded
+    encoded = vsgrpo.count_video_encodings([model])
+    reused = dataclasses.replace(plain, video_features=vsgrpo.encode_videos(model, plain))
+    assert encoded["videos"] == 2
+    config = vsgrpo.generation_config(model, tokenizer, args)
+    samples = []
+    for batch in (plain, reused):
+        torch.manual_seed(0)
+        samples.append(vsgrpo.generate(model, batch, config))
+    assert torch.equal(samples[0], samples[1]) and encoded["videos"] == 2 + 2  # generation encoded the plain batch
+    ids = samples[0]
+    mask, _ = vsgrpo.completion_mask(ids, config.eos_token_id)
+    rows, advantages = torch.arange(6), torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5])
+    results = []
+    for batch in (plain, reused):
+        model.zero_grad()
+        with torch.no_grad(), vsgrpo.lora_disabled(model):
+            ref = vsgrpo.completion_logps(model, batch, ids, mask, rows, args)
+        logps = vsgrpo.completion_logps(model, batch, ids, mask, rows, args)
+        token_loss, _, _ = vsgrpo.grpo_token_loss(logps, logps.detach(), ref, advantages, 0.2, 0.1)
+        loss = vsgrpo.aggregate_loss(token_loss, mask, "sequence", 6, int(mask.sum()))
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((ref, logps.detach(), loss.detach(), grads))
+    assert encoded["videos"] == 4 + 6 + 6               # the plain passes encode every copy, the reused none
+    (ref0, logps0, loss0, grads0), (ref1, logps1, loss1, grads1) = results
+    assert ((logps0 - logps1).abs() * mask).max() < 1e-5 and ((ref0 - ref1).abs() * mask).max() < 1e-5
+    assert (logps0 - ref0).abs().max() > 1e-3           # a test that could fail: policy and reference differ
+    assert abs(loss0 - loss1) < 1e-5 and loss0 != 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads0, grads1))
+
+
 # ----------------------------------------------------------------------------- data and flags
 def test_rows_load_from_json_lists_and_jsonl_in_either_field_style(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"id": 1, "question": "How many?", "ground_truth": "3",
@@ -545,7 +590,7 @@ def test_training_end_to_end_in_one_process(synthetic, tmp_path, capsys):
     for key in ("loss", "reward", "reward_std", "reward_digits", "zero_std_fraction", "kl", "clip_fraction",
                 "completion_length", "completion_length_max", "truncated_fraction", "learning_rate",
                 "seconds_generation", "seconds_scoring", "seconds_logprob_passes", "seconds_optimisation",
-                "tokens_per_s"):
+                "seconds_vision", "generated_tokens_per_s", "train_tokens_per_s", "peak_memory_gb"):
         assert all(math.isfinite(m[key]) for m in metrics), key
     assert "A=" in capsys.readouterr().out                    # completions printed at step 2
     base = Qwen2VLForConditionalGeneration.from_pretrained(synthetic["model"]).state_dict()
@@ -590,6 +635,48 @@ def test_two_processes_under_accelerate_launch_end_with_identical_weights(synthe
     assert rank0.keys() == rank1.keys() and any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 2
+
+
+
+def test_a_step_encodes_each_video_once_and_trains_as_the_straightforward_path(synthetic, tmp_path):
+    logs = {}
+    for name, extra in (("reuse", []), ("plain", ["--no-reuse-vision"])):
+        vsgrpo.main(training_flags(synthetic, tmp_path / name, "--max-steps", "2", "--save-every", "0",
+                                   "--log-completions-every", "0", *extra))
+        logs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        assert not os.path.exists(tmp_path / name / "checkpoint-000002")                   # --save-every 0
+    # B = 2 questions, G = 4: generation 2 videos, then the reference and policy passes 8 copies each
+    assert [m["video_encodings"] for m in logs["reuse"]] == [2, 2]
+    assert [m["video_encodings"] for m in logs["plain"]] == [2 + 8 + 8] * 2
+    for reuse, plain in zip(logs["reuse"], logs["plain"]):
+        assert reuse["reward"] == plain["reward"] and reuse["completion_length"] == plain["completion_length"]
+        assert reuse["loss"] == pytest.approx(plain["loss"], abs=1e-5)
+        assert reuse["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5) and reuse["grad_norm"] > 0
+    assert logs["reuse"][1]["kl"] == pytest.approx(logs["plain"][1]["kl"], rel=1e-5) and logs["reuse"][1]["kl"] > 0
+
+
+def test_benchmark_under_accelerate_launch_times_both_paths_on_the_same_steps(tmp_path):
+    done = run_processes([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), "--benchmark", "tiny", "--output-dir",
+                          str(tmp_path), "--max-steps", "3", "-G", "4", "--num-frames", "4", "--max-pixels",
+                          str(56 * 56), "--max-completion-length", "4"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.load(open(tmp_path / "benchmark.json"))["results"]
+    # 2 processes x 1 question: generation encodes 1 video each; without reuse the reference and policy
+    # passes encode G = 4 copies each too; the count is summed over the processes.
+    assert results["reuse"]["video_encodings"] == 2 and results["no reuse"]["video_encodings"] == 2 * (1 + 4 + 4)
+    for mode in results.values():
+        assert mode["step_seconds"] > 0 and mode["peak_memory_gb"] > 0
+        assert mode["generated_tokens_per_s"] > 0 and mode["train_tokens_per_s"] > 0
+    assert len(os.listdir(tmp_path / "videos" / "synthetic")) == 2 * 3                  # a new video every step
+    assert "| video encodings | 18 | 2 |" in done.stdout and "steps per second, reuse / no reuse" in done.stdout
+
+
+def test_the_full_size_shapes_have_qwen2_vls_published_parameter_counts():
+    tokenizer = vsgrpo.word_level_tokenizer(["a b"])
+    for size, billions in (("2b", 2.21), ("7b", 8.29)):       # the model cards: 2.21B and 8.29B parameters
+        with torch.device("meta"):
+            model = Qwen2VLForConditionalGeneration(vsgrpo.model_config(size, tokenizer))
+        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions, size
 
 
 # ----------------------------------------------------------------------------- VSI-Bench evaluation
@@ -724,7 +811,8 @@ def test_readme_lists_every_flag_with_the_codes_default():
             for line in readme.splitlines() if line.startswith("| `-")}
     for action in vsgrpo.build_parser()._actions:
         if action.dest != "help":
-            default = "off" if action.default is False else "—" if action.default is None else str(action.default)
+            switch = action.nargs == 0                  # store_true / store_false: the flag is off unless given
+            default = "off" if switch else "—" if action.default is None else str(action.default)
             assert rows.get(", ".join(action.option_strings)) == default, action.option_strings
 
 
@@ -764,7 +852,7 @@ def test_shortened_demo_trains_a_tiny_model_offline_and_raises_held_out_accuracy
 
 
 # ----------------------------------------------------------------------------- long runs survive
-TIMING_KEYS = ("seconds_", "tokens_per_s")
+TIMING_KEYS = ("seconds_", "generated_tokens_per_s", "train_tokens_per_s", "peak_memory_gb")
 
 
 def comparable(metrics: dict) -> dict:

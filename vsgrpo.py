@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
@@ -73,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-rank", type=int, default=64, help="0 = full fine-tuning of the language model (paper: LoRA, rank unstated)")
     a("--lora-alpha", type=float, default=128, help="LoRA scale is alpha / rank (our choice)")
     a("--gradient-checkpointing", action="store_true", help="trade compute for memory (open recipes use it)")
+    a("--no-reuse-vision", dest="reuse_vision", action="store_false",
+      help="encode a video in every pass instead of once per step (slower; for comparison)")
     a("--attn-implementation", default="sdpa", help="sdpa, eager or flash_attention_2 (transformers' default: sdpa)")
     a("--seed", type=int, default=0, help="seeds LoRA init, data order and sampling")
     a("--max-bad-video-fraction", type=float, default=0.5, help="stop when more of a batch's videos fail (our choice)")
     a("--log-completions-every", type=int, default=10, help="print one question's G completions every N steps")
-    a("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end")
+    a("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end (0 = never)")
     a("--keep", type=int, default=3, help="checkpoints kept, the newest (our choice)")
     a("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --output-dir, or from PATH")
     a("--max-nonfinite-steps", type=int, default=3, help="stop after this many non-finite steps in a row (our choice)")
@@ -93,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-every", type=int, default=0, help="during training, score --eval-limit held-out questions every N steps")
     a("--eval-limit", type=int, default=0, help="questions scored by --eval-every (0 = all)")
     a("--demo", action="store_true", help="offline, on a CPU: synthetic videos, a tiny model, GRPO, before/after")
+    a("--benchmark", choices=list(SIZES), help="time --max-steps steps (default 4) of a random model of this size, "
+      "with and without --no-reuse-vision, on synthetic videos")
     return p
 
 
@@ -113,7 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
          f"--reward-weights has {len(args.reward_weights)} values for {len(args.rewards)} rewards"),
         ("format" in args.rewards and args.prompt_mode == "vanilla",
          "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags"),
-        (not args.data and not (args.eval_only or args.demo), "--data is required (no data yet? try --demo)"),
+        (not args.data and not (args.eval_only or args.demo or args.benchmark),
+         "--data is required (no data yet? try --demo)"),
+        (args.benchmark and args.max_steps == 1, "--benchmark needs --max-steps of 2 or more: step 1 is warm-up"),
         (args.keep < 1 or args.max_nonfinite_steps < 1, "--keep and --max-nonfinite-steps must be at least 1"),
         ((args.eval_only or args.eval_every) and not args.eval_data, "--eval-only and --eval-every need --eval-data"),
         (args.eval_num_frames < 1, "--eval-num-frames must be at least 1"),
@@ -213,6 +220,7 @@ class Batch:
     attention_mask: torch.Tensor    # [B, P]
     pixel_values: list[torch.Tensor]  # B x [t*h*w, 3*2*14*14]
     video_grid_thw: torch.Tensor    # [B, 3]
+    video_features: list[torch.Tensor] | None = None  # B x [t*h*w/4, D], once encode_videos has run
 
 
 def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, video_token_id: int, device) -> Batch:
@@ -223,6 +231,26 @@ def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, vide
     attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
     return Batch(samples, input_ids, attention_mask, [pv.to(device) for pv, _ in videos],
                  torch.stack([thw for _, thw in videos]).to(device))
+
+
+# Every pass of a step (generation, pi_old, pi_ref, pi_theta) sees each question's video G
+# times. The vision tower is frozen in both training modes, so its output for a video cannot
+# change within a step: encode each video once and hand the features to every pass.
+@torch.no_grad()
+def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
+    """Each question's video through the vision tower and merger, once: B x [t*h*w/4, D]."""
+    model = getattr(model, "module", model)
+    return list(model.model.get_video_features(torch.cat(batch.pixel_values), batch.video_grid_thw).pooler_output)
+
+
+def video_inputs(batch: Batch, questions: list[int]) -> dict:
+    """The videos of `questions`, in order: their features if encoded this step, else their pixels."""
+    grid = batch.video_grid_thw[questions]  # the 3-D rotary positions need it either way
+    if batch.video_features is None:  # --no-reuse-vision: the model encodes every copy itself
+        return dict(pixel_values_videos=torch.cat([batch.pixel_values[q] for q in questions]), video_grid_thw=grid)
+    # A new output object per call: generate() expands it for its G copies in place.
+    features = BaseModelOutputWithPooling(pooler_output=tuple(batch.video_features[q] for q in questions))
+    return dict(mm_encoder_outputs={"video": features}, video_grid_thw=grid)
 
 
 # ============================================================================ 4. log-probs
@@ -239,9 +267,7 @@ def sequence_inputs(batch: Batch, completion_ids: torch.Tensor, completion_mask:
     mm_token_type_ids = torch.cat([2 * (prompt == video_token_id), torch.zeros_like(completion_ids[rows])], 1)
     return dict(input_ids=input_ids,
                 attention_mask=torch.cat([batch.attention_mask[questions], completion_mask[rows]], 1),
-                mm_token_type_ids=mm_token_type_ids.int(),
-                pixel_values_videos=torch.cat([batch.pixel_values[q] for q in questions.tolist()]),
-                video_grid_thw=batch.video_grid_thw[questions])
+                mm_token_type_ids=mm_token_type_ids.int(), **video_inputs(batch, questions.tolist()))
 
 
 def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
@@ -308,8 +334,7 @@ def generate(model, batch: Batch, config: GenerationConfig) -> torch.Tensor:
     sequences = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
         mm_token_type_ids=(2 * (batch.input_ids == model.config.video_token_id)).int(),
-        pixel_values_videos=torch.cat(batch.pixel_values), video_grid_thw=batch.video_grid_thw,
-        generation_config=config)
+        **video_inputs(batch, list(range(len(batch.samples)))), generation_config=config)
     return sequences[:, batch.input_ids.shape[1]:]
 
 
@@ -395,12 +420,16 @@ def logps_in_chunks(model, batch, completion_ids, mask, args) -> torch.Tensor:
 def timed(timings: dict, phase: str):
     start = time.perf_counter()
     yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # charge queued GPU work to the phase that queued it
     timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
 def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> Rollout:
     """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
     policy.eval()
+    with timed(timings, "vision"):
+        batch.video_features = encode_videos(policy, batch) if args.reuse_vision else None
     with timed(timings, "generation"):
         config = generation_config(policy, tokenizer, args)
         completion_ids = generate(policy, batch, config)
@@ -456,24 +485,58 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
 def step_metrics(ro: Rollout, args, timings: dict, stats: dict, num_bad: int, lr: float) -> dict:
     lengths = ro.completion_mask.sum(1).float()
     groups = ro.rewards["total"].view(-1, args.num_generations)
+    # Tokens each optimisation pass reads: every completion with its question's unpadded prompt.
+    prompt_tokens = ro.batch.attention_mask.sum() * args.num_generations
+    train_tokens = (prompt_tokens + lengths.sum()).item() * args.num_iterations
     metrics = {**stats, "reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
                "zero_std_fraction": (groups.std(1) == 0).float().mean().item(),
                "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
                "truncated_fraction": ro.truncated.float().mean().item(), "bad_videos": float(num_bad),
-               "learning_rate": lr, "tokens_per_s": lengths.sum().item() / max(sum(timings.values()), 1e-9)}
+               "learning_rate": lr,
+               "generated_tokens_per_s": lengths.sum().item() / max(timings.get("generation", 0), 1e-9),
+               "train_tokens_per_s": train_tokens / max(timings.get("optimisation", 0), 1e-9)}
     metrics.update({f"reward_{name}": ro.rewards[name].mean().item() for name in args.rewards})
     metrics.update({f"seconds_{phase}": t for phase, t in timings.items()})
     return metrics
 
 
+# How each metric combines over processes: counts add up, maxima and peaks take the max, the rest average.
+REDUCE = {"bad_videos": torch.sum, "video_encodings": torch.sum, "completion_length_max": torch.max,
+          "peak_memory_gb": torch.max}
+
+
 def average_over_processes(accelerator, metrics: dict) -> dict:
-    """Mean over processes (max for maxima, sum for counts)."""
     values = accelerator.gather(torch.tensor(list(metrics.values()), device=accelerator.device)[None])  # [W, k]
-    out = {}
-    for (key, _), column in zip(metrics.items(), values.T):
-        reduce = torch.max if key.endswith("_max") else torch.sum if key == "bad_videos" else torch.mean
-        out[key] = reduce(column).item()
-    return out
+    return {key: REDUCE.get(key, torch.mean)(column).item() for key, column in zip(metrics, values.T)}
+
+
+def count_video_encodings(models) -> dict:
+    """A counter of the videos the models' vision towers encode (each call can take several)."""
+    counter = {"videos": 0}
+
+    def count(module, args, kwargs):
+        counter["videos"] += len(kwargs["grid_thw"])
+    for model in models:
+        model.model.visual.register_forward_pre_hook(count, with_kwargs=True)
+    return counter
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: the peak resident set size restarts from the current size
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on a CPU the process's peak resident set (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if not os.path.exists("/proc/self/status"):
+        return float("nan")
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # kB
 
 
 def print_completions(ro: Rollout, args) -> None:
@@ -566,6 +629,7 @@ def train(args) -> nn.Module:
     set_seed(args.seed)  # same LoRA initialisation on every process
     model, tokenizer = load_model(args, accelerator.device)
     ref_model = reference_model(model, args)
+    encodings = count_video_encodings([model] + ([ref_model] if ref_model else []))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -583,8 +647,9 @@ def train(args) -> nn.Module:
               f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}" +
               (f"; resumed from {resume_from} at step {start}" if resume_from else ""))
     started, nonfinite_in_a_row = time.perf_counter(), 0
+    reset_peak_memory(accelerator.device)
     for step in range(start + 1, steps + 1):
-        timings = {}
+        timings, encodings["videos"] = {}, 0
         with timed(timings, "video_loading"):
             indices = batch_indices(step - 1, rank, world, args.batch_size, len(samples), args.seed)
             rng = np.random.default_rng([args.seed, step, rank])
@@ -594,8 +659,9 @@ def train(args) -> nn.Module:
         ro = rollout(policy, ref_model, batch, args, tokenizer, timings)
         with timed(timings, "optimisation"):
             stats = optimise(model, policy, optimizer, accelerator, ro, args)
-        metrics = average_over_processes(
-            accelerator, step_metrics(ro, args, timings, stats, len(failures), optimizer.param_groups[0]["lr"]))
+        metrics = step_metrics(ro, args, timings, stats, len(failures), optimizer.param_groups[0]["lr"])
+        metrics.update(video_encodings=encodings["videos"], peak_memory_gb=peak_memory_gb(accelerator.device))
+        metrics = average_over_processes(accelerator, metrics)
         if args.eval_every and step % args.eval_every == 0:
             predictions, _ = evaluate(policy, tokenizer, eval_rows, args, accelerator)
             metrics["eval_avg"] = task_scores(predictions)["Avg"]
@@ -610,13 +676,12 @@ def train(args) -> nn.Module:
             path = save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step)
             raise RuntimeError(f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient; "
                                f"stopped. The last good weights are in {path}")
-        if step % args.save_every == 0 or step == steps:
+        if args.save_every and (step % args.save_every == 0 or step == steps):
             save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step)
     # Free the DDP wrapper before the process group: if DDP's destructor drops the group's last
     # reference, gloo tears down while holding the GIL and can deadlock (pytorch/pytorch#56297).
     accelerator.free_memory(model, optimizer)
     del model, optimizer
-    accelerator.end_training()
     return policy
 
 
@@ -748,18 +813,33 @@ def run_evaluation(args) -> dict:
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
     policy, tokenizer = load_model(args, accelerator.device)
     predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
-    metrics = write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
-    accelerator.end_training()
-    return metrics
+    return write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
 
 
-# ============================================================================ 10. the offline demo
+# ============================================================================ 10. demo and benchmark
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Model shapes with random weights. 2b and 7b are Qwen2-VL-2B/7B-Instruct's config.json, so a
+# full-size model is measured with nothing downloaded; tiny is the demo's; small is 2b at a sixth
+# of its widths and a seventh of its depth (vocabulary included), so a CPU runs it in minutes.
+SIZES = {
+    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, rope_theta=1e4),
+                 vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2), tied=True),
+    "small": dict(text=dict(hidden_size=256, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, rope_theta=1e6, vocab_size=25344),
+                  vision=dict(depth=4, embed_dim=224, num_heads=4, mlp_ratio=4), tied=True),
+    "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, rope_theta=1e6, vocab_size=151936),
+               vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4), tied=True),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, rope_theta=1e6, vocab_size=152064),
+               vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4), tied=False),
+}
 
 
-def build_tiny_model(path: str, texts: list[str], seed: int = 0) -> None:
-    """A word-level tokenizer over `texts` and a random 2-layer Qwen2-VL, saved as a hub checkpoint is.
+def word_level_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per word of `texts`, plus Qwen2-VL's special tokens and the prompts' tags.
 
     The small vocabulary is what makes the demo learnable: a random model's one-word guesses
     hit a right answer often enough (about 1 in 40) to give GRPO a signal.
@@ -771,19 +851,36 @@ def build_tiny_model(path: str, texts: list[str], seed: int = 0) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS)
     tokenizer.add_tokens(["<think>", "</think>", "<observe>", "</observe>", "<answer>", "</answer>"])
-    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def model_config(size: str, tokenizer) -> Qwen2VLConfig:
+    """The Qwen2-VL config of a named size; the full sizes keep their real vocabulary (extra ids decode to nothing)."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
+    text = {"vocab_size": len(tokenizer), **SIZES[size]["text"]}
+    half = text["hidden_size"] // text["num_attention_heads"] // 2
+    # M-RoPE splits each head's rotary frequencies over (time, height, width) as 1/4, 3/8, 3/8.
+    rope = dict(rope_type="default", rope_theta=text.pop("rope_theta"),
+                mrope_section=[half // 4, 3 * half // 8, 3 * half // 8])
+    return Qwen2VLConfig(
+        text_config=dict(text, bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters=rope),
+        vision_config=dict(SIZES[size]["vision"], hidden_size=text["hidden_size"]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        tie_word_embeddings=SIZES[size]["tied"])
+
+
+def build_random_model(path: str, texts: list[str], size: str = "tiny", seed: int = 0) -> None:
+    """A word-level tokenizer over `texts` and a random Qwen2-VL of a named size, saved as a hub checkpoint is."""
+    tokenizer = word_level_tokenizer(texts)
+    tokenizer.save_pretrained(path)
+    config = model_config(size, tokenizer)
+    large = config.text_config.hidden_size >= 1024  # built on the GPU and saved in bf16 when one is there
     torch.manual_seed(seed)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    with torch.device("cuda" if large and torch.cuda.is_available() else "cpu"):
+        model = Qwen2VLForConditionalGeneration(config)
+    model.to(torch.bfloat16 if large else torch.float32).save_pretrained(path)
 
 
 def demo_flags(out: str) -> list[str]:
@@ -811,7 +908,7 @@ def run_demo(argv: list[str]) -> dict:
     started = time.perf_counter()
     rows = read_rows(write_synthetic_dataset(out, 400, seed=0, name="train"))
     write_synthetic_dataset(out, 200, seed=1, name="heldout")
-    build_tiny_model(f"{out}/tiny-qwen2-vl", [r["question"] + " " + r["ground_truth"] for r in rows] +
+    build_random_model(f"{out}/tiny-qwen2-vl", [r["question"] + " " + r["ground_truth"] for r in rows] +
                      ["system you are a helpful assistant user"])
     args = parse_args(demo_flags(out) + [a for a in argv if a != "--demo"])
     accelerator = make_accelerator()
@@ -838,17 +935,66 @@ def run_demo(argv: list[str]) -> dict:
     return result
 
 
-def main(argv=None) -> nn.Module:
+VSI_100K_QUESTIONS = 117_000  # about; the paper's training set
+
+
+def run_benchmark(argv: list[str]) -> dict:
+    """--benchmark SIZE: the same steps, seed and videos with the vision reuse off, then on; a table of both."""
+    args = parse_args(argv)
+    out, accelerator = args.output_dir, make_accelerator()
+    args.max_steps = steps = args.max_steps or 4
+    if accelerator.is_main_process:  # one writer; the other processes wait for the files
+        rows = read_rows(write_synthetic_dataset(out, args.batch_size * accelerator.num_processes * steps, args.seed,
+                                                 args.num_frames, name="benchmark", scale=4))
+        build_random_model(f"{out}/model", [r["question"] + " " + r["ground_truth"] for r in rows], args.benchmark)
+    accelerator.wait_for_everyone()
+    flags = ["--model", f"{out}/model", "--data", f"{out}/benchmark.jsonl", "--video-root", f"{out}/videos",
+             "--max-steps", str(steps), "--save-every", "0", "--log-completions-every", "0"]
+    results = {}
+    for mode in ("no reuse", "reuse"):
+        run = parse_args(flags + argv)  # the command line's own flags win
+        run.reuse_vision, run.output_dir = mode == "reuse", os.path.join(out, mode.replace(" ", "-"))
+        train(run)
+        measured = [json.loads(line) for line in open(os.path.join(run.output_dir, "metrics.jsonl"))][1:]
+        mean = lambda key: float(np.mean([m.get(key, 0.0) for m in measured]))
+        phases = [k for k in measured[0] if k.startswith("seconds_")]
+        results[mode] = {"step_seconds": sum(mean(k) for k in phases), **{k: mean(k) for k in phases},
+                         **{k: mean(k) for k in ("generated_tokens_per_s", "train_tokens_per_s", "video_encodings")},
+                         "peak_memory_gb": max(m["peak_memory_gb"] for m in measured)}
+    if accelerator.is_main_process:
+        print_benchmark(results, args, accelerator)
+        with open(os.path.join(out, "benchmark.json"), "w") as f:
+            json.dump({"settings": vars(args), "results": results}, f, indent=1)
+    return results
+
+
+def print_benchmark(results: dict, args, accelerator) -> None:
+    reuse, plain = results["reuse"], results["no reuse"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\nbenchmark: {args.benchmark}, {accelerator.num_processes} x {device}, {args.batch_size} question(s) x "
+          f"G={args.num_generations} per process, {args.num_frames} frames of at most {args.max_pixels} pixels, "
+          f"{args.max_completion_length} new tokens, LoRA rank {args.lora_rank}; means of steps 2 to "
+          f"{args.max_steps}\n\n| | no reuse | reuse |\n|---|---:|---:|")
+    for key in reuse:
+        label = f"- {key[8:]} (s)" if key.startswith("seconds_") else key.replace("_", " ")
+        print(f"| {label} | {plain.get(key, 0.0):.4g} | {reuse[key]:.4g} |")
+    hours = VSI_100K_QUESTIONS / args.batch_size * reuse["step_seconds"] / 3600
+    print(f"\nsteps per second, reuse / no reuse: {plain['step_seconds'] / reuse['step_seconds']:.2f}x\n"
+          f"one epoch of VSI-100k ({VSI_100K_QUESTIONS} questions) at the reuse speed: {hours:.1f} device-hours")
+
+
+def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        if args.demo:
-            return run_demo(argv)
         if args.check_data:
             sys.exit(run_check_data(args))
-        return run_evaluation(args) if args.eval_only else train(args)
+        run = run_demo if args.demo else run_benchmark if args.benchmark else None
+        result = run(argv) if run else run_evaluation(args) if args.eval_only else train(args)
     except DataError as e:
         sys.exit(f"error: {e}")
+    make_accelerator().end_training()  # once, after every pass that needed the process group
+    return result
 
 
 if __name__ == "__main__":
