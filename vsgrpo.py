@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
@@ -521,20 +522,17 @@ def count_video_encodings(models) -> dict:
     return counter
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
+    """Peak GPU memory allocated by torch, or on a CPU the process's peak resident set (Linux); `reset` restarts it."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: the peak resident set size restarts from the current size
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or on a CPU the process's peak resident set (Linux)."""
-    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.max_memory_allocated(device) / 2**30
     if not os.path.exists("/proc/self/status"):
         return float("nan")
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: VmHWM restarts from the current resident set
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # kB
 
@@ -647,7 +645,7 @@ def train(args) -> nn.Module:
               f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}" +
               (f"; resumed from {resume_from} at step {start}" if resume_from else ""))
     started, nonfinite_in_a_row = time.perf_counter(), 0
-    reset_peak_memory(accelerator.device)
+    peak_memory_gb(accelerator.device, reset=True)
     for step in range(start + 1, steps + 1):
         timings, encodings["videos"] = {}, 0
         with timed(timings, "video_loading"):
@@ -712,9 +710,7 @@ def run_check_data(args) -> int:
     errors = []
     samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
     bad_videos = check_videos(samples, args.num_frames)
-    types = {}
-    for s in samples:
-        types[s["question_type"] or "(untyped)"] = types.get(s["question_type"] or "(untyped)", 0) + 1
+    types = Counter(s["question_type"] or "(untyped)" for s in samples)
     print(f"{len(samples)} good rows, {len({s['video'] for s in samples})} videos")
     for question_type, count in sorted(types.items()):
         print(f"  {question_type:32} {count:7}{'  numeric' if question_type in NUMERIC_TYPES else ''}")
@@ -909,7 +905,7 @@ def run_demo(argv: list[str]) -> dict:
     rows = read_rows(write_synthetic_dataset(out, 400, seed=0, name="train"))
     write_synthetic_dataset(out, 200, seed=1, name="heldout")
     build_random_model(f"{out}/tiny-qwen2-vl", [r["question"] + " " + r["ground_truth"] for r in rows] +
-                     ["system you are a helpful assistant user"])
+                       ["system you are a helpful assistant user"])
     args = parse_args(demo_flags(out) + [a for a in argv if a != "--demo"])
     accelerator = make_accelerator()
     held_out = load_samples(args.eval_data, args.eval_video_root, args.prompt_mode)
