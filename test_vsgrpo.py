@@ -778,6 +778,19 @@ def test_evaluation_metrics_are_reproduced_from_its_predictions(synthetic, tmp_p
     assert "Avg |    Count |  AbsDist |  ObjSize | RoomSize |  RelDist |   RelDir |    Route |    Order" in table
 
 
+def test_evaluation_decodes_videos_a_batch_at_a_time_and_shows_progress(synthetic, tmp_path, monkeypatch, capsys):
+    rows = write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")
+    loaded, at_generate = [], []
+    load_video, generate = vsgrpo.load_video, vsgrpo.generate
+    monkeypatch.setattr(vsgrpo, "load_video", lambda *a: loaded.append(1) or load_video(*a))
+    monkeypatch.setattr(vsgrpo, "generate", lambda *a: at_generate.append(len(loaded)) or generate(*a))
+    vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "eval") + ["--eval-batch-size", "4"])
+    # 23 rows, batches of 4. Each batch is decoded just before it is answered, never the whole file
+    # first: 4, 8, ... 20 videos; the last batch (rows 20-22) decodes row 20 and tries the missing
+    # video of row 22, while row 21's unknown type is refused before any decoding.
+    assert len(rows) == 23 and at_generate == [4, 8, 12, 16, 20, 22]
+    assert "evaluated 23 of this process's 23 questions" in capsys.readouterr().out
+
 def test_evaluation_prompts_follow_the_protocol_character_for_character(synthetic, tmp_path):
     write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")
     vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "eval"))

@@ -738,25 +738,27 @@ def greedy_config(model, tokenizer, args) -> GenerationConfig:
                             suppress_tokens=banned_token_ids(model))
 
 
-def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, protocol: str) -> tuple[list, list]:
+def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, protocol: str,
+                show_progress: bool = False) -> tuple[list, list]:
     """Greedy answers to rows[indices], scored: (predictions, rows not evaluated with the reason).
 
     protocol "benchmark": VSI-Bench's prompts, clean-up and metrics; "training": the training
     prompt and accuracy reward (the demo's held-out questions).
     """
-    benchmark = protocol == "benchmark"
-    predictions, skipped, ready = [], [], []
-    for i in indices:
-        row = rows[i]
-        try:
-            if benchmark and row["question_type"] not in BENCHMARK_TYPES:
-                raise DataError(f"unknown question_type {row['question_type']!r}")
-            ready.append((i, row, load_video(row["video"], args.eval_num_frames, args.min_pixels, args.max_pixels)))
-        except DataError as e:
-            skipped.append({"index": i, "id": row["id"], "source": row["source"], "reason": str(e)})
-    config = greedy_config(policy, tokenizer, args)
-    for start in range(0, len(ready), args.eval_batch_size):
-        chunk = ready[start:start + args.eval_batch_size]
+    benchmark, config = protocol == "benchmark", greedy_config(policy, tokenizer, args)
+    predictions, skipped = [], []
+    for start in range(0, len(indices), args.eval_batch_size):
+        chunk = []  # videos are decoded a batch at a time: all of VSI-Bench's would not fit in memory
+        for i in indices[start:start + args.eval_batch_size]:
+            try:
+                if benchmark and rows[i]["question_type"] not in BENCHMARK_TYPES:
+                    raise DataError(f"unknown question_type {rows[i]['question_type']!r}")
+                chunk.append((i, rows[i], load_video(rows[i]["video"], args.eval_num_frames, args.min_pixels,
+                                                     args.max_pixels)))
+            except DataError as e:
+                skipped.append({"index": i, "id": rows[i]["id"], "source": rows[i]["source"], "reason": str(e)})
+        if not chunk:
+            continue
         texts = [benchmark_prompt(row, args.eval_prompt) if benchmark else question_text(row) for _, row, _ in chunk]
         batch = collate([row for _, row, _ in chunk], texts, [video for _, _, video in chunk], tokenizer,
                         policy.config.video_token_id, policy.device)
@@ -768,6 +770,9 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
             predictions.append({"index": i, "id": row["id"], "question_type": row["question_type"], "prompt": text,
                                 "raw_output": raw, "prediction": prediction, "ground_truth": row["answer"],
                                 "score": score})
+        if show_progress:
+            print(f"\r  evaluated {len(predictions) + len(skipped)} of this process's {len(indices)} questions",
+                  end="\n" if start + args.eval_batch_size >= len(indices) else "", flush=True)
     return predictions, skipped
 
 
@@ -776,7 +781,7 @@ def evaluate(policy, tokenizer, rows: list[dict], args, accelerator, protocol="b
     """Each process answers every W-th row; all processes get all predictions, in row order."""
     policy.eval()
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
-    predictions, skipped = answer_rows(policy, tokenizer, rows, mine, args, protocol)
+    predictions, skipped = answer_rows(policy, tokenizer, rows, mine, args, protocol, accelerator.is_main_process)
     by_index = lambda items: sorted(items, key=lambda item: item["index"])
     return by_index(gather_object(predictions)), by_index(gather_object(skipped))
 
