@@ -638,6 +638,15 @@ def test_two_processes_under_accelerate_launch_end_with_identical_weights(synthe
 
 
 
+def test_reuse_refuses_a_trainable_vision_tower(synthetic):
+    args, model, tokenizer = load_tiny(synthetic)
+    batch = batch_of(synthetic, [0], args, tokenizer, model)
+    assert len(vsgrpo.encode_videos(model, batch)) == 1
+    model.model.visual.requires_grad_(True)             # a fork that trains the tower: features go stale
+    with pytest.raises(RuntimeError, match="--no-reuse-vision"):
+        vsgrpo.encode_videos(model, batch)
+
+
 def test_a_step_encodes_each_video_once_and_trains_as_the_straightforward_path(synthetic, tmp_path):
     logs = {}
     for name, extra in (("reuse", []), ("plain", ["--no-reuse-vision"])):

@@ -241,6 +241,8 @@ def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, vide
 def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
     """Each question's video through the vision tower and merger, once: B x [t*h*w/4, D]."""
     model = getattr(model, "module", model)
+    if any(p.requires_grad for p in model.model.visual.parameters()):  # a fork that trains the tower
+        raise RuntimeError("a trainable vision tower changes its features within a step: use --no-reuse-vision")
     return list(model.model.get_video_features(torch.cat(batch.pixel_values), batch.video_grid_thw).pooler_output)
 
 
@@ -444,11 +446,10 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> 
     with timed(timings, "logprob_passes"):
         old_logps = logps_in_chunks(policy, batch, completion_ids, mask, args) if args.num_iterations > 1 else None
         ref_logps = None
-        if args.beta > 0 and ref_model is not None:
-            ref_logps = logps_in_chunks(ref_model, batch, completion_ids, mask, args)
-        elif args.beta > 0:
-            with lora_disabled(policy):
-                ref_logps = logps_in_chunks(policy, batch, completion_ids, mask, args)
+        if args.beta > 0:  # pi_ref: the frozen copy under full fine-tuning, else the policy without adapters
+            reference = policy if ref_model is None else ref_model
+            with lora_disabled(policy) if ref_model is None else nullcontext():
+                ref_logps = logps_in_chunks(reference, batch, completion_ids, mask, args)
     return Rollout(batch, completion_ids, mask, truncated, completions, rewards, advantages, old_logps, ref_logps)
 
 
