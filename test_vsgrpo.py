@@ -638,6 +638,18 @@ def test_two_processes_under_accelerate_launch_end_with_identical_weights(synthe
 
 
 
+def test_questions_about_the_same_video_share_one_encoding(synthetic):
+    args, model, tokenizer = load_tiny(synthetic)
+    batch = batch_of(synthetic, [0, 1, 0], args, tokenizer, model)     # questions 0 and 2: one video
+    encoded = vsgrpo.count_video_encodings([model])
+    features = vsgrpo.encode_videos(model, batch)
+    assert encoded["videos"] == 2 and features[0] is features[2]
+    with torch.no_grad():
+        for i in (0, 1):                                                # each equals encoding it alone
+            alone = model.model.get_video_features(batch.pixel_values[i], batch.video_grid_thw[i:i + 1])
+            assert torch.allclose(features[i], alone.pooler_output[0], atol=1e-6)
+
+
 def test_reuse_refuses_a_trainable_vision_tower(synthetic):
     args, model, tokenizer = load_tiny(synthetic)
     batch = batch_of(synthetic, [0], args, tokenizer, model)

@@ -239,11 +239,19 @@ def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, vide
 # change within a step: encode each video once and hand the features to every pass.
 @torch.no_grad()
 def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
-    """Each question's video through the vision tower and merger, once: B x [t*h*w/4, D]."""
+    """Each distinct video of the batch through the vision tower and merger, once: B x [t*h*w/4, D].
+
+    Questions about the same video (VSI-100k asks many per scene) share its features.
+    """
     model = getattr(model, "module", model)
     if any(p.requires_grad for p in model.model.visual.parameters()):  # a fork that trains the tower
         raise RuntimeError("a trainable vision tower changes its features within a step: use --no-reuse-vision")
-    return list(model.model.get_video_features(torch.cat(batch.pixel_values), batch.video_grid_thw).pooler_output)
+    videos = [s["video"] for s in batch.samples]
+    first = [videos.index(video) for video in dict.fromkeys(videos)]  # each distinct video at its first question
+    encoded = model.model.get_video_features(torch.cat([batch.pixel_values[i] for i in first]),
+                                             batch.video_grid_thw[first]).pooler_output
+    features = dict(zip((videos[i] for i in first), encoded))
+    return [features[video] for video in videos]
 
 
 def video_inputs(batch: Batch, questions: list[int]) -> dict:
