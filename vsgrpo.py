@@ -636,7 +636,7 @@ def train(args) -> nn.Module:
     set_seed(args.seed)  # same LoRA initialisation on every process
     model, tokenizer = load_model(args, accelerator.device)
     ref_model = reference_model(model, args)
-    encodings = count_video_encodings([model] + ([ref_model] if ref_model else []))
+    encodings = count_video_encodings([model] + ([ref_model] if ref_model is not None else []))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -757,6 +757,8 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
     benchmark, config = protocol == "benchmark", greedy_config(policy, tokenizer, args)
     predictions, skipped = [], []
     for start in range(0, len(indices), args.eval_batch_size):
+        if show_progress:
+            print(f"\r  evaluated {start} of this process's {len(indices)} questions", end="", flush=True)
         chunk = []  # videos are decoded a batch at a time: all of VSI-Bench's would not fit in memory
         for i in indices[start:start + args.eval_batch_size]:
             try:
@@ -779,9 +781,8 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
             predictions.append({"index": i, "id": row["id"], "question_type": row["question_type"], "prompt": text,
                                 "raw_output": raw, "prediction": prediction, "ground_truth": row["answer"],
                                 "score": score})
-        if show_progress:
-            print(f"\r  evaluated {len(predictions) + len(skipped)} of this process's {len(indices)} questions",
-                  end="\n" if start + args.eval_batch_size >= len(indices) else "", flush=True)
+    if show_progress:
+        print(f"\r  evaluated {len(indices)} of this process's {len(indices)} questions")
     return predictions, skipped
 
 
@@ -830,8 +831,8 @@ def run_evaluation(args) -> dict:
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # Model shapes with random weights. 2b and 7b are Qwen2-VL-2B/7B-Instruct's config.json, so a
-# full-size model is measured with nothing downloaded; tiny is the demo's; small is 2b at a sixth
-# of its widths and a seventh of its depth (vocabulary included), so a CPU runs it in minutes.
+# full-size model is measured with nothing downloaded; tiny is the demo's; small is 2b at about a
+# sixth of its widths and vocabulary, with 4 + 4 layers, so a CPU runs it in minutes.
 SIZES = {
     "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, rope_theta=1e4),
