@@ -91,8 +91,9 @@ def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> d
         raise DataError(f"{where}: missing field 'path' (or 'video', or 'dataset' + 'scene_name')")
     question_type = str(row.get("question_type", row.get("problem_type", "")))
     # Numeric iff VSI-Bench scores the type with MRA; an untyped row is numeric if its answer is a number.
-    numeric = question_type in NUMERIC_TYPES or (not question_type and to_float(answer) is not None)
-    if numeric and not to_float(answer) is not None:
+    number = to_float(answer)
+    numeric = question_type in NUMERIC_TYPES or (not question_type and number is not None)
+    if numeric and number is None:
         raise DataError(f"{where}: answer {answer!r} of numeric question type {question_type!r} is not a number")
     return {
         "id": str(row.get("id", where)), "question": str(first_field(row, FIELDS["question"], where)),
