@@ -186,14 +186,15 @@ def test_loss_equals_eq1_written_token_by_token():
     eps, beta = 0.2, 0.05
     token_loss, _, _ = vsgrpo.grpo_token_loss(logps, old, ref, adv, eps, beta)
     loss = vsgrpo.aggregate_loss(token_loss, mask.float(), "sequence", 3, int(mask.sum()))
+    logps, old, ref, adv = logps.tolist(), old.tolist(), ref.tolist(), adv.tolist()  # plain floats, by hand
     objective = 0.0
     for i in range(3):
         per_token = []
         for t in range(5):
             if mask[i, t]:
-                rho = math.exp(logps[i, t] - old[i, t])
+                rho = math.exp(logps[i][t] - old[i][t])
                 surrogate = min(rho * adv[i], min(max(rho, 1 - eps), 1 + eps) * adv[i])
-                r = math.exp(ref[i, t] - logps[i, t])
+                r = math.exp(ref[i][t] - logps[i][t])
                 per_token.append(surrogate - beta * (r - math.log(r) - 1))
         objective += sum(per_token) / len(per_token) / 3
     assert loss.item() == pytest.approx(-objective, rel=1e-5)
@@ -850,12 +851,17 @@ def test_readme_lists_every_flag_with_the_codes_default():
             assert rows.get(", ".join(action.option_strings)) == default, action.option_strings
 
 
-def test_readme_test_command_is_the_one_ci_runs():
+def test_readme_test_command_is_the_one_ci_runs_after_the_readmes_own_set_up():
     readme = open(os.path.join(HERE, "README.md")).read()
     ci = open(os.path.join(HERE, ".ci", "run")).read()
     command = "python -m pytest -q test_vsgrpo.py"
     assert f"```bash\n{command}\n```" in readme and ci.rstrip().endswith(command)
-    assert "pip install torch==2.13.0" in readme and "pip install -q torch==2.13.0" in ci
+    # CI takes the set-up block out of the README and runs it: a fresh venv, then the installs.
+    setup = subprocess.run(["awk", "/^## Set-up/ {s = 1} s && /^```bash/ {c = 1; next} c && /^```/ {exit} c",
+                            os.path.join(HERE, "README.md")], capture_output=True, text=True).stdout
+    assert setup.startswith("python3 -m venv .venv && . .venv/bin/activate\n")
+    assert "pip install torch==2.13.0" in setup and "-r requirements.txt pytest" in setup
+    assert 'eval "$setup"' in ci and "## Set-up" in ci
 
 
 # ----------------------------------------------------------------------------- the offline demo
