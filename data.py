@@ -48,15 +48,20 @@ FIELDS = {"question": ("question", "problem"), "answer": ("ground_truth", "solut
 
 
 def read_rows(path: str) -> list[dict]:
-    """Rows of a JSON list or a JSONL file."""
+    """Rows of a JSON list or a JSONL file; a parse error names the line of the file."""
     with open(path) as f:
         text = f.read()
-    try:
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON or JSONL ({e})") from None
+    is_list = text.lstrip().startswith("[")
+    # (lines before the chunk, chunk): a JSON list is one chunk, a JSONL file one per line
+    chunks = [(0, text)] if is_list else [(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    rows = []
+    for lines_before, chunk in chunks:
+        try:
+            parsed = json.loads(chunk)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {lines_before + e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        rows += parsed if is_list else [parsed]
+    return rows
 
 
 def expand_paths(patterns: list[str]) -> list[str]:
@@ -70,36 +75,50 @@ def expand_paths(patterns: list[str]) -> list[str]:
     return paths
 
 
-def first_field(row: dict, names: tuple, where: str) -> object:
+# Each field's accepted types; bool is excluded explicitly (in Python, True is an int).
+KINDS = {str: "a string", (str, int, float): "a string or a number", list: "a list of strings"}
+
+
+def field(row: dict, names: tuple, where: str, kind=str, required: bool = True):
+    """The first of `names` the row sets, checked against `kind`; a missing or mistyped field names the row."""
     for name in names:
-        if row.get(name) is not None:
-            return row[name]
-    raise DataError(f"{where}: missing field {names[0]!r} (also accepted: {', '.join(names[1:])})")
+        value = row.get(name)
+        if value is None:
+            continue
+        wrong = isinstance(value, bool) or not isinstance(value, kind) or (
+            kind is list and not all(isinstance(v, str) for v in value))
+        if wrong:
+            raise DataError(f"{where}: field {name!r} must be {KINDS[kind]}, got {type(value).__name__}" +
+                            ("" if isinstance(value, (dict, list)) else f" {value!r:.40}"))
+        return value
+    if required:
+        raise DataError(f"{where}: missing field {names[0]!r}" + (f" (also accepted: {', '.join(names[1:])})"
+                                                                  if len(names) > 1 else ""))
+    return None
 
 
 def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> dict:
     """One row, in any accepted field spelling, as the sample dict the rest of the code uses."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    answer = str(first_field(row, FIELDS["answer"], where))
+    answer = str(field(row, FIELDS["answer"], where, (str, int, float)))
     answer = answer.split("<answer>")[-1].split("</answer>")[0].strip()  # "solution" is often tagged
-    if row.get("path") or row.get("video"):
-        video = row.get("path") or row.get("video")
-    elif row.get("scene_name") and row.get("dataset"):
-        video = f"{row['dataset']}/{row['scene_name']}.mp4"  # VSI-Bench's layout
-    else:
-        raise DataError(f"{where}: missing field 'path' (or 'video', or 'dataset' + 'scene_name')")
-    question_type = str(row.get("question_type", row.get("problem_type", "")))
+    video = field(row, ("path", "video"), where, required=False)
+    if video is None:
+        if row.get("scene_name") is None or row.get("dataset") is None:
+            raise DataError(f"{where}: missing field 'path' (or 'video', or 'dataset' + 'scene_name')")
+        video = f"{field(row, ('dataset',), where)}/{field(row, ('scene_name',), where)}.mp4"  # VSI-Bench's layout
+    question_type = field(row, ("question_type", "problem_type"), where, required=False) or ""
     # Numeric iff VSI-Bench scores the type with MRA; an untyped row is numeric if its answer is a number.
     number = to_float(answer)
     numeric = question_type in NUMERIC_TYPES or (not question_type and number is not None)
     if numeric and number is None:
         raise DataError(f"{where}: answer {answer!r} of numeric question type {question_type!r} is not a number")
     return {
-        "id": str(row.get("id", where)), "question": str(first_field(row, FIELDS["question"], where)),
-        "answer": answer, "question_type": question_type, "kind": "numeric" if numeric else "word",
-        "options": list(row.get("options") or []), "video": os.path.join(video_root, video),
-        "prompt_mode": prompt_mode, "source": where,
+        "id": where if row.get("id") is None else field(row, ("id",), where, (str, int, float)),  # as given
+        "question": field(row, FIELDS["question"], where), "answer": answer, "question_type": question_type,
+        "kind": "numeric" if numeric else "word", "options": field(row, ("options",), where, list, required=False)
+        or [], "video": os.path.join(video_root, video), "prompt_mode": prompt_mode, "source": where,
     }
 
 

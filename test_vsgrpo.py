@@ -528,6 +528,39 @@ def test_a_row_missing_a_field_names_the_file_the_row_and_the_field(tmp_path):
         data.load_samples([str(tmp_path / "rows.jsonl")], ".", "vanilla")
 
 
+ROW = {"id": 7, "question": "How many?", "ground_truth": "3", "question_type": "object_counting", "path": "a.mp4"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"path": 12}, "field 'path' must be a string, got int 12"),
+    ({"question": {"text": "How many?"}}, "field 'question' must be a string, got dict"),
+    ({"ground_truth": True, "question_type": "object_rel_direction"},
+     "field 'ground_truth' must be a string or a number, got bool True"),
+    ({"options": "ABCD"}, "field 'options' must be a list of strings, got str 'ABCD'"),
+    ({"options": ["A. chair", 2]}, "field 'options' must be a list of strings, got list"),
+    ({"question_type": ["object_counting"]}, "field 'question_type' must be a string, got list"),
+])
+def test_a_field_of_the_wrong_type_names_the_file_the_row_and_the_field(tmp_path, change, message):
+    (tmp_path / "rows.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps(dict(ROW, **change)) + "\n")
+    with pytest.raises(data.DataError) as error:
+        data.load_samples([str(tmp_path / "rows.jsonl")], ".", "vanilla")
+    assert str(error.value) == f"{tmp_path / 'rows.jsonl'} row 2: {message}"
+
+
+def test_a_truncated_jsonl_line_is_reported_at_its_line_in_the_file(tmp_path):
+    text = json.dumps(ROW) + "\n\n" + json.dumps(ROW) + "\n" + json.dumps(ROW)[:21] + "\n"
+    (tmp_path / "rows.jsonl").write_text(text)                      # line 2 is blank, line 4 is cut short
+    with pytest.raises(data.DataError, match=r"rows\.jsonl line 4: not valid JSON \(.* column 22"):
+        data.read_rows(str(tmp_path / "rows.jsonl"))
+
+
+def test_ids_stay_as_the_row_gave_them(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps([ROW, dict(ROW, id="scene7-q2"), {k: v for k, v in ROW.items()
+                                                                                   if k != "id"}]))
+    samples = data.load_samples([str(tmp_path / "rows.json")], ".", "vanilla")
+    assert [s["id"] for s in samples] == [7, "scene7-q2", f"{tmp_path / 'rows.json'} row 3"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["-G", "1"], "--num-generations must be at least 2"),
     (["--rewards", "nonsense"], "invalid choice: 'nonsense'"),
@@ -749,7 +782,7 @@ def write_benchmark_rows(synthetic, path, answers: dict | None = None) -> list[d
                        options=["A. chair", "B. table", "C. sofa", "D. lamp"])
         rows.append(row)
     for row in rows:
-        row["ground_truth"] = (answers or {}).get(str(row["id"]), row["ground_truth"])
+        row["ground_truth"] = (answers or {}).get(row["id"], row["ground_truth"])
     rows.append(dict(rows[0], id=100, question_type="object_colour"))              # unknown type
     rows.append(dict(rows[0], id=101, scene_name="no_such_scene"))                  # missing video
     with open(path, "w") as f:
@@ -777,7 +810,8 @@ def test_evaluation_metrics_are_reproduced_from_its_predictions(synthetic, tmp_p
     predictions = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
     assert 0 < sum(p["score"] for p in predictions) < len(predictions)
     assert len(predictions) == len(rows) - 2 == metrics["evaluated"]
-    assert sorted(item["id"] for item in metrics["not_evaluated"]) == ["100", "101"]
+    assert sorted(item["id"] for item in metrics["not_evaluated"]) == [100, 101]
+    assert [p["id"] for p in predictions] == [r["id"] for r in rows[:-2]]      # integers, as VSI-Bench's are
     by_type = {}
     for p in predictions:
         cleaned = p["raw_output"].split(" ")[0].rstrip(".").strip()         # the benchmark's clean-up, again
@@ -798,6 +832,17 @@ def test_evaluation_metrics_are_reproduced_from_its_predictions(synthetic, tmp_p
     assert json.load(open(tmp_path / "eval" / "metrics.json"))["scores"] == pytest.approx(metrics["scores"])
     table = capsys.readouterr().out
     assert "Avg |    Count |  AbsDist |  ObjSize | RoomSize |  RelDist |   RelDir |    Route |    Order" in table
+
+
+def test_a_partial_evaluation_says_how_many_tasks_its_average_covers(synthetic, tmp_path, capsys):
+    rows = write_benchmark_rows(synthetic, tmp_path / "all.jsonl")
+    with open(tmp_path / "two_tasks.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows if r["question_type"] in ("object_counting", "route_planning"))
+    metrics = vsgrpo.main(eval_flags(synthetic, tmp_path / "two_tasks.jsonl", tmp_path / "eval"))
+    assert set(metrics["scores"]) == {"Count", "Route", "Avg"} and metrics["tasks_in_avg"] == 2
+    assert json.load(open(tmp_path / "eval" / "metrics.json"))["tasks_in_avg"] == 2
+    out = capsys.readouterr().out
+    assert "Avg(2/8) |    Count |" in out and "Avg covers 2 of VSI-Bench's 8 tasks" in out
 
 
 def test_evaluation_decodes_videos_a_batch_at_a_time_and_shows_progress(synthetic, tmp_path, monkeypatch, capsys):

@@ -800,7 +800,9 @@ def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict
     """predictions.jsonl, metrics.json and the paper's table, x100."""
     scores = task_scores(predictions)
     counts = {task: sum(p["question_type"] in types for p in predictions) for task, types in BENCHMARK_TASKS.items()}
-    metrics = {"scores": scores, "questions": counts, "evaluated": len(predictions), "not_evaluated": skipped,
+    covered = len(scores) - 1  # the tasks with at least one question; "Avg" is their mean
+    metrics = {"scores": scores, "tasks_in_avg": covered, "questions": counts, "evaluated": len(predictions),
+               "not_evaluated": skipped,
                "settings": {"model": args.model, "prompt": args.eval_prompt, "num_frames": args.eval_num_frames,
                             "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}}
     os.makedirs(args.output_dir, exist_ok=True)
@@ -809,8 +811,10 @@ def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     columns = ["Avg"] + list(BENCHMARK_TASKS)
-    print(" | ".join(f"{c:>8}" for c in columns))
+    print(" | ".join(f"{c:>8}" for c in ["Avg" if covered == 8 else f"Avg({covered}/8)"] + columns[1:]))
     print(" | ".join(f"{100 * scores[c]:8.1f}" if c in scores else f"{'-':>8}" for c in columns))
+    if covered < 8:
+        print(f"Avg covers {covered} of VSI-Bench's 8 tasks: it is not comparable with the paper's overall score")
     print(f"{len(predictions)} questions scored, {len(skipped)} not evaluated; {args.eval_num_frames} frames, "
           f"max {args.max_pixels} pixels per frame, {args.eval_prompt} prompt")
     for item in skipped:
