@@ -84,10 +84,20 @@ def mean_relative_accuracy(pred: float, target: float) -> float:
     return float(np.mean(relative_error <= 1 - MRA_THRESHOLDS))
 
 
+def first_word(text: str) -> str:
+    """VSI-Bench's clean-up of a prediction: the text up to the first space, trailing periods stripped."""
+    return text.split(" ")[0].rstrip(".").strip()
+
+
 def answer_score(answer: str, sample: dict) -> float:
-    """Accuracy of one extracted answer: MRA for numeric questions, exact match otherwise."""
+    """Accuracy of one extracted answer: MRA for numeric questions, exact match otherwise.
+
+    A number is read from the answer's first word, as VSI-Bench reads it: the vanilla prompt
+    allows "one or two words or a number", so "4 meters" scores as 4 here and on the benchmark,
+    and "about 4" scores 0 in both. Training and scoring then reward the same answers.
+    """
     if sample["kind"] == "numeric":
-        pred = to_float(answer)
+        pred = to_float(first_word(answer.strip()))
         return 0.0 if pred is None else mean_relative_accuracy(pred, float(sample["answer"]))
     return float(normalise_text(answer) == normalise_text(str(sample["answer"])))
 
@@ -147,8 +157,7 @@ def clean_prediction(raw: str, prompt_mode: str = "vanilla") -> str:
 
     In think / observe mode the <answer> content is cleaned instead of the whole output.
     """
-    text = raw if prompt_mode == "vanilla" else extract_answer(raw, prompt_mode)
-    return text.split(" ")[0].rstrip(".").strip()
+    return first_word(raw if prompt_mode == "vanilla" else extract_answer(raw, prompt_mode))
 
 
 def benchmark_score(prediction: str, sample: dict) -> float:

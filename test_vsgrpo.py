@@ -138,6 +138,16 @@ def test_accuracy_scores_numbers_with_mra_and_unparseable_numbers_with_zero():
     assert accuracy("nan", "3") == 0.0
 
 
+def test_numeric_accuracy_reads_the_first_word_as_the_benchmark_does():
+    # VSI-Bench keeps the text up to the first space and strips trailing periods, then parses a float.
+    assert accuracy("4 meters", "4") == 1.0 and accuracy("4. metres", "4") == 1.0
+    assert accuracy("<answer>2.5 m</answer>", "2.5", mode="think") == 1.0
+    assert accuracy("about 4 meters", "4") == 0.0                    # the benchmark scores this 0 too
+    for text in ("4 meters", "4. metres", "about 4", "12 chairs"):
+        assert accuracy(text, "4") == rewards.benchmark_score(rewards.clean_prediction(text), {"kind": "numeric",
+                                                                                             "answer": "4"})
+
+
 def test_accuracy_of_words_ignores_case_surrounding_space_and_punctuation():
     assert accuracy(" Left. ", "left", kind="word") == 1.0
     assert accuracy("tv-stand", "TV stand", kind="word") == 1.0
@@ -173,6 +183,14 @@ def test_group_advantages_by_hand():
     assert vsgrpo.group_advantages(rewards_, 4).tolist() == pytest.approx(expected)
 
 
+def test_a_group_of_equal_rewards_gets_advantage_exactly_zero_and_is_counted():
+    rewards_ = torch.tensor([0.7] * 14 + [0.7] * 13 + [0.8])     # 0.7 has no exact float32: std is ~1e-7, not 0
+    assert rewards_[:14].std() > 0
+    advantages = vsgrpo.group_advantages(rewards_, 14)
+    assert advantages[:14].tolist() == [0.0] * 14 and advantages[14:].abs().min() > 0.1
+    assert vsgrpo.equal_reward_groups(rewards_, 14).tolist() == [True, False]
+
+
 def random_loss_inputs(n=3, c=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     logps = -torch.rand(n, c, generator=g) * 3
@@ -184,7 +202,7 @@ def random_loss_inputs(n=3, c=5, seed=0):
 def test_loss_equals_eq1_written_token_by_token():
     logps, old, ref, adv, mask = random_loss_inputs()
     eps, beta = 0.2, 0.05
-    token_loss, _, _ = vsgrpo.grpo_token_loss(logps, old, ref, adv, eps, beta)
+    token_loss, _, _ = vsgrpo.grpo_token_loss(logps, old, ref, adv, mask, eps, beta)
     loss = vsgrpo.aggregate_loss(token_loss, mask.float(), "sequence", 3, int(mask.sum()))
     logps, old, ref, adv = logps.tolist(), old.tolist(), ref.tolist(), adv.tolist()  # plain floats, by hand
     objective = 0.0
@@ -202,7 +220,7 @@ def test_loss_equals_eq1_written_token_by_token():
 
 def test_token_aggregation_weighs_every_token_the_same():
     logps, old, ref, adv, mask = random_loss_inputs()
-    token_loss, _, _ = vsgrpo.grpo_token_loss(logps, old, ref, adv, 0.2, 0.05)
+    token_loss, _, _ = vsgrpo.grpo_token_loss(logps, old, ref, adv, mask, 0.2, 0.05)
     loss = vsgrpo.aggregate_loss(token_loss, mask.float(), "token", 3, 9)
     assert loss.item() == pytest.approx(token_loss[mask.bool()].sum().item() / 9, rel=1e-6)
 
@@ -210,7 +228,7 @@ def test_token_aggregation_weighs_every_token_the_same():
 def test_at_ratio_one_without_kl_the_gradient_is_minus_a_times_grad_log_p():
     _, _, _, adv, mask = random_loss_inputs()
     logps = (-torch.rand(3, 5)).requires_grad_()
-    token_loss, _, _ = vsgrpo.grpo_token_loss(logps, logps.detach(), None, adv, 0.2, 0.0)
+    token_loss, _, _ = vsgrpo.grpo_token_loss(logps, logps.detach(), None, adv, mask, 0.2, 0.0)
     vsgrpo.aggregate_loss(token_loss, mask.float(), "sequence", 3, 9).backward()
     lengths = mask.sum(1, keepdim=True)
     expected = -adv[:, None] / (3 * lengths) * mask          # d(-J)/d log p_it = -A_i / (G |o_i|)
@@ -223,7 +241,7 @@ def test_tokens_clipped_in_the_direction_of_the_advantage_carry_no_gradient():
     # the same ratios against the advantage: the min keeps the unclipped term, gradient flows.
     logps = torch.log(torch.tensor([[1.5], [0.5], [1.5], [0.5]])).requires_grad_()
     adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
-    token_loss, _, clipped = vsgrpo.grpo_token_loss(logps, old, None, adv, 0.2, 0.0)
+    token_loss, _, clipped = vsgrpo.grpo_token_loss(logps, old, None, adv, torch.ones(4, 1), 0.2, 0.0)
     token_loss.sum().backward()
     assert logps.grad[:2].abs().sum() == 0
     assert logps.grad[2:].abs().min() > 0
@@ -233,17 +251,32 @@ def test_tokens_clipped_in_the_direction_of_the_advantage_carry_no_gradient():
 def test_masked_tokens_carry_no_gradient():
     logps, old, ref, adv, mask = random_loss_inputs()
     logps.requires_grad_()
-    token_loss, _, _ = vsgrpo.grpo_token_loss(logps, old, ref, adv, 0.2, 0.1)
+    token_loss, _, _ = vsgrpo.grpo_token_loss(logps, old, ref, adv, mask, 0.2, 0.1)
     vsgrpo.aggregate_loss(token_loss, mask.float(), "sequence", 3, 9).backward()
     assert logps.grad[mask == 0].abs().sum() == 0
     assert logps.grad[mask == 1].abs().min() > 0
 
 
+def test_a_non_finite_value_at_a_padded_position_cannot_reach_the_loss_or_the_gradient():
+    logps, old, ref, adv, mask = random_loss_inputs()
+    poisoned = logps.clone()
+    poisoned[mask == 0] = old[mask == 0] + 100.0                  # exp(100) overflows float32
+    poisoned[0, 4], logps = float("nan"), logps.requires_grad_()
+    poisoned.requires_grad_()
+    losses = []
+    for x in (logps, poisoned):
+        token_loss, _, _ = vsgrpo.grpo_token_loss(x, old, ref, adv, mask, 0.2, 0.1)
+        losses.append(vsgrpo.aggregate_loss(token_loss, mask, "sequence", 3, 9))
+        losses[-1].backward()
+    assert torch.isfinite(losses[1]) and losses[1].item() == losses[0].item()
+    assert torch.equal(poisoned.grad, logps.grad)
+
+
 def test_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
     logps, old, ref, adv, _ = random_loss_inputs()
-    _, kl, _ = vsgrpo.grpo_token_loss(logps, old, logps.clone(), adv, 0.2, 0.1)
+    _, kl, _ = vsgrpo.grpo_token_loss(logps, old, logps.clone(), adv, torch.ones(3, 5), 0.2, 0.1)
     assert kl.abs().max() == 0
-    _, kl, _ = vsgrpo.grpo_token_loss(logps, old, ref, adv, 0.2, 0.1)
+    _, kl, _ = vsgrpo.grpo_token_loss(logps, old, ref, adv, torch.ones(3, 5), 0.2, 0.1)
     assert (kl > 0).all()
 
 
@@ -488,7 +521,7 @@ def test_reused_video_features_give_the_same_samples_log_probs_loss_and_gradient
         with torch.no_grad(), vsgrpo.lora_disabled(model):
             ref = vsgrpo.completion_logps(model, batch, ids, mask, rows, args)
         logps = vsgrpo.completion_logps(model, batch, ids, mask, rows, args)
-        token_loss, _, _ = vsgrpo.grpo_token_loss(logps, logps.detach(), ref, advantages, 0.2, 0.1)
+        token_loss, _, _ = vsgrpo.grpo_token_loss(logps, logps.detach(), ref, advantages, mask, 0.2, 0.1)
         loss = vsgrpo.aggregate_loss(token_loss, mask, "sequence", 6, int(mask.sum()))
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]

@@ -368,15 +368,21 @@ def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[
 
 
 # ============================================================================ 6. advantages
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4): [B*G] -> [B*G].
+def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B*G] -> [B]: True for a group whose rewards are all equal (it carries no signal)."""
+    groups = rewards.view(-1, group_size)                                    # [B, G]
+    # Compared as values: float32 rewards such as 0.7 leave a std of ~1e-7, not 0.
+    return (groups == groups[:, :1]).all(1)
 
-    A group whose rewards are all equal gets A = 0: it carries no signal, and the 1e-4 keeps
-    the division finite. std is the sample std, as in TRL's GRPO, which vsGRPO built on.
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4): [B*G] -> [B*G]; exactly 0 for an all-equal group.
+
+    std is the sample std, as in TRL's GRPO, which vsGRPO built on; the 1e-4 keeps the division finite.
     """
     groups = rewards.view(-1, group_size)                                    # [B, G]
-    centred = groups - groups.mean(1, keepdim=True)
-    return (centred / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
+    advantages = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
+    return torch.where(equal_reward_groups(rewards, group_size)[:, None], 0.0, advantages).view(-1)
 
 
 # ============================================================================ 7. the objective (Eq. 1)
@@ -388,9 +394,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 #   KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1       (the k3 estimator, always >= 0)
 #
 # We minimise -J. The per-token part is grpo_token_loss; the 1/G sum_i 1/|o_i| sum_t is aggregate_loss.
-def grpo_token_loss(logps, old_logps, ref_logps, advantages, clip_eps: float, beta: float):
-    """-(clipped surrogate - beta * KL) per token: [n, C]; also the KL [n, C] and where the clip bites."""
-    ratio = torch.exp(logps - old_logps)                                     # rho, [n, C]
+def grpo_token_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: float, beta: float):
+    """-(clipped surrogate - beta * KL) per token, 0 at padding: [n, C]; also the KL [n, C] and where the clip bites.
+
+    Padded positions hold whatever the model computed there. They are selected away (where),
+    never multiplied by 0: an inf or NaN there would survive a product, in the loss or in exp's gradient.
+    """
+    real = mask.bool()                                                       # [n, C]
+    ratio = torch.exp(torch.where(real, logps - old_logps, 0.0))             # rho, [n, C]
     advantage = advantages.unsqueeze(1)                                      # A, [n, 1]
     unclipped = ratio * advantage
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage
@@ -398,9 +409,9 @@ def grpo_token_loss(logps, old_logps, ref_logps, advantages, clip_eps: float, be
     if ref_logps is None:                                                    # beta = 0: no reference pass
         kl = torch.zeros_like(logps)
     else:
-        log_ratio = ref_logps - logps                                        # log(pi_ref / pi_theta)
+        log_ratio = torch.where(real, ref_logps - logps, 0.0)               # log(pi_ref / pi_theta)
         kl = torch.exp(log_ratio) - log_ratio - 1
-    return -(surrogate - beta * kl), kl, clipped < unclipped
+    return torch.where(real, -(surrogate - beta * kl), 0.0), kl, (clipped < unclipped) & real
 
 
 def aggregate_loss(token_loss, mask, aggregation: str, num_sequences: int, num_tokens: int) -> torch.Tensor:
@@ -410,8 +421,8 @@ def aggregate_loss(token_loss, mask, aggregation: str, num_sequences: int, num_t
     completions weigh more per token. token: every token of the step weighs the same.
     """
     if aggregation == "sequence":
-        return ((token_loss * mask).sum(1) / mask.sum(1)).sum() / num_sequences
-    return (token_loss * mask).sum() / num_tokens
+        return (token_loss.sum(1) / mask.sum(1)).sum() / num_sequences
+    return token_loss.sum() / num_tokens
 
 
 # ============================================================================ 8. the training loop
@@ -476,13 +487,13 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
                 logps = completion_logps(model, ro.batch, ro.completion_ids, ro.completion_mask, rows, args)
                 old_logps = logps.detach() if ro.old_logps is None else ro.old_logps[rows]
                 ref_logps = None if ro.ref_logps is None else ro.ref_logps[rows]
-                token_loss, kl, clipped = grpo_token_loss(logps, old_logps, ref_logps, ro.advantages[rows],
+                token_loss, kl, clipped = grpo_token_loss(logps, old_logps, ref_logps, ro.advantages[rows], mask,
                                                           args.clip_eps, args.beta)
                 loss = aggregate_loss(token_loss, mask, args.loss_aggregation, num_sequences, num_tokens)
                 accelerator.backward(loss)
             stats["loss"] += loss.item() / args.num_iterations
-            stats["kl"] += (kl * mask).sum().item() / num_tokens / args.num_iterations
-            stats["clip_fraction"] += (clipped * mask).sum().item() / num_tokens / args.num_iterations
+            stats["kl"] += kl.sum().item() / num_tokens / args.num_iterations
+            stats["clip_fraction"] += clipped.sum().item() / num_tokens / args.num_iterations
         stats["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm))
         # The norm is taken after DDP's all-reduce, so every process makes the same choice.
         stats["nonfinite"] = float(not math.isfinite(stats["grad_norm"]))
@@ -499,7 +510,7 @@ def step_metrics(ro: Rollout, args, timings: dict, stats: dict, num_bad: int, lr
     prompt_tokens = ro.batch.attention_mask.sum() * args.num_generations
     train_tokens = (prompt_tokens + lengths.sum()).item() * args.num_iterations
     metrics = {**stats, "reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
-               "zero_std_fraction": (groups.std(1) == 0).float().mean().item(),
+               "zero_std_fraction": equal_reward_groups(ro.rewards["total"], args.num_generations).float().mean().item(),
                "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
                "truncated_fraction": ro.truncated.float().mean().item(), "bad_videos": float(num_bad),
                "learning_rate": lr,
