@@ -705,6 +705,64 @@ def test_two_processes_under_accelerate_launch_end_with_identical_weights(synthe
 
 
 
+TOKEN_WEIGHTS = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import data, vsgrpo
+model_dir, data_path, videos, out = sys.argv[1:]
+accelerator = vsgrpo.make_accelerator()
+rank = accelerator.process_index
+args = vsgrpo.parse_args(["--model", model_dir, "--data", data_path, "--num-frames", "4", "--max-pixels", "3136",
+                          "-G", "2", "--lora-rank", "4", "--beta", "0", "--loss-aggregation", "token",
+                          "--max-grad-norm", "1e9", "--micro-batch-size", "1"])
+torch.manual_seed(0)
+model, tokenizer = vsgrpo.load_model(args, accelerator.device)
+optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+wrapped, optimizer = accelerator.prepare(model, optimizer)
+sample = data.load_samples([data_path], videos, "vanilla")[rank]
+batch = vsgrpo.collate([sample], [data.question_text(sample)], [data.load_video(sample["video"], 4, 3136, 3136)],
+                       tokenizer, model.config.video_token_id, "cpu")
+ids = torch.tensor({ids!r}[rank])
+mask, truncated = vsgrpo.completion_mask(ids, [tokenizer.eos_token_id])
+ro = vsgrpo.Rollout(batch, ids, mask, truncated, [], {{}}, torch.tensor([1.0, -1.0]), None, None)
+before = {{n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+vsgrpo.optimise(wrapped, model, optimizer, accelerator, ro, args)
+torch.save({{n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}}, out + str(rank))
+accelerator.end_training()
+"""
+
+
+def test_token_aggregation_weighs_every_token_of_the_step_the_same_across_processes(synthetic, tmp_path):
+    # Rank 0's two completions have 2 and 1 real tokens, rank 1's have 6 and 5: 14 in the step.
+    _, model, tokenizer = load_tiny(synthetic)
+    eos, word = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("how")
+    ids = [[[word, eos] + [eos] * 4, [eos] * 6], [[word] * 6, [word] * 4 + [eos] * 2]]
+    script = tmp_path / "token_weights.py"
+    script.write_text(TOKEN_WEIGHTS.format(here=HERE, ids=ids))
+    done = run_processes([*LAUNCH_TWO, str(script), synthetic["model"], synthetic["data"], synthetic["videos"],
+                          str(tmp_path / "step")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [torch.load(tmp_path / f"step{r}", weights_only=True) for r in (0, 1)]
+    # By hand, in one process: -(1/14) * sum over all 14 tokens of A_i * grad log pi (ratio 1, beta 0).
+    args = make_args(synthetic, "--lora-rank", "4", "-G", "2")
+    torch.manual_seed(0)
+    model, tokenizer = vsgrpo.load_model(args, torch.device("cpu"))
+    total = 0
+    for rank in (0, 1):
+        batch = batch_of(synthetic, [rank], args, tokenizer, model)
+        completion_ids = torch.tensor(ids[rank])
+        mask, _ = vsgrpo.completion_mask(completion_ids, [eos])
+        logps = vsgrpo.completion_logps(model, batch, completion_ids, mask, torch.arange(2), args)
+        total = total + (torch.where(mask.bool(), logps, 0.0).sum(1) * torch.tensor([1.0, -1.0])).sum()
+    assert int(sum(vsgrpo.completion_mask(torch.tensor(i), [eos])[0].sum() for i in ids)) == 14
+    (-total / 14).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(steps[0][name], p.grad, atol=1e-6), name
+            assert torch.equal(steps[0][name], steps[1][name])
+    assert any(p.grad.abs().max() > 1e-4 for p in model.parameters() if p.requires_grad)
+
+
 def test_questions_about_the_same_video_share_one_encoding(synthetic):
     args, model, tokenizer = load_tiny(synthetic)
     batch = batch_of(synthetic, [0, 1, 0], args, tokenizer, model)     # questions 0 and 2: one video

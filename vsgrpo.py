@@ -476,6 +476,9 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     """mu optimiser steps on one rollout batch, gradients accumulated over micro-batches."""
     policy.train()  # only switches gradient checkpointing on: Qwen2-VL and our LoRA have no dropout
     num_sequences, num_tokens = len(ro.completion_ids), int(ro.completion_mask.sum())
+    # DDP averages gradients over the W processes. For every token of the step to weigh the same,
+    # each process divides by the step's token count over W, not by its own count.
+    step_tokens = accelerator.reduce(ro.completion_mask.sum(), "sum").item() / accelerator.num_processes
     trainable = [p for p in policy.parameters() if p.requires_grad]
     chunks = torch.arange(num_sequences, device=ro.completion_ids.device).split(args.micro_batch_size)
     stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
@@ -489,7 +492,7 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
                 ref_logps = None if ro.ref_logps is None else ro.ref_logps[rows]
                 token_loss, kl, clipped = grpo_token_loss(logps, old_logps, ref_logps, ro.advantages[rows], mask,
                                                           args.clip_eps, args.beta)
-                loss = aggregate_loss(token_loss, mask, args.loss_aggregation, num_sequences, num_tokens)
+                loss = aggregate_loss(token_loss, mask, args.loss_aggregation, num_sequences, step_tokens)
                 accelerator.backward(loss)
             stats["loss"] += loss.item() / args.num_iterations
             stats["kl"] += kl.sum().item() / num_tokens / args.num_iterations
