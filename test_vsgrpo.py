@@ -600,11 +600,44 @@ def test_ids_stay_as_the_row_gave_them(tmp_path):
     (["--num-frames", "0"], "--num-frames must be at least 1"),
     (["--rewards", "accuracy", "format"], "the format reward needs --prompt-mode think or observe"),
     (["--reward-weights", "1", "2"], "--reward-weights has 2 values for 1 rewards"),
+    (["--max-completion-length", "0"], "--max-completion-length must be at least 1, got 0"),
+    (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
+    (["--temperature", "nan"], "--temperature must be positive, got nan"),
+    (["--max-pixels", "0"], "--max-pixels must be at least 784 (one 28x28 patch), got 0"),
+    (["--min-pixels", "200000"], "--min-pixels 200000 is above --max-pixels 100352"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1, got 0"),
+    (["--save-every", "-1"], "--save-every must be at least 0, got -1"),
+    (["--max-steps", "-3"], "--max-steps must be at least 0, got -3"),
+    (["--lora-rank", "-4"], "--lora-rank must be at least 0, got -4"),
+    (["--top-p", "1.5"], "--top-p must be at most 1, got 1.5"),
+    (["--max-bad-video-fraction", "2"], "--max-bad-video-fraction must be at most 1, got 2.0"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
 ])
 def test_bad_flags_stop_with_a_clear_message_before_any_model_is_loaded(synthetic, capsys, flags, message):
     with pytest.raises(SystemExit) as stop:
         vsgrpo.parse_args(["--model", "/nonexistent/model", "--data", synthetic["data"], *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_dir_that_cannot_be_a_directory_is_a_flag_error(synthetic, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for out, message in ((tmp_path / "a_file", "is a file, not a directory"),
+                         (tmp_path / "a_file" / "run", "is a file, not a directory")):
+        with pytest.raises(SystemExit):
+            vsgrpo.parse_args(["--data", synthetic["data"], "--output-dir", str(out)])
+        assert f"--output-dir {out}: {tmp_path / 'a_file'} {message}" in capsys.readouterr().err
+
+
+def test_a_model_neither_on_disk_nor_reachable_is_one_line_before_any_work(synthetic, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "vsgrpo.py"), "--model", "Qwen/Qwen2-VL-2B-Instruct",
+                           "--data", synthetic["data"], "--video-root", synthetic["videos"], "--output-dir",
+                           str(tmp_path)], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: --model Qwen/Qwen2-VL-2B-Instruct is not a local directory, and the model hub could not give it "
+        "(OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+        "the cached files.). Pass the directory of a downloaded checkpoint."]
+    assert os.listdir(tmp_path) == []                                   # nothing written
 
 
 def test_a_data_path_that_does_not_exist_is_a_flag_error(capsys):

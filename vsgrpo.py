@@ -12,6 +12,7 @@ R1-Zero-Like Training"). It reads top to bottom like the paper's section 3.2:
 """
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -102,33 +103,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The range of every numeric flag: (lowest, highest); a float lowest of 0.0 means "positive".
+RANGES = {
+    "num_generations": (2, None), "num_frames": (1, None), "eval_num_frames": (1, None), "max_pixels": (28 * 28, None),
+    "min_pixels": (1, None), "max_completion_length": (1, None), "eval_max_new_tokens": (0, None),
+    "temperature": (0.0, None), "top_k": (0, None), "top_p": (0.0, 1), "beta": (0, None), "clip_eps": (0.0, 1),
+    "num_iterations": (1, None), "learning_rate": (0.0, None), "weight_decay": (0, None), "max_grad_norm": (0.0, None),
+    "batch_size": (1, None), "micro_batch_size": (1, None), "max_steps": (0, None), "lora_rank": (0, None),
+    "lora_alpha": (0.0, None), "seed": (0, None), "max_bad_video_fraction": (0, 1), "log_completions_every": (0, None),
+    "save_every": (0, None), "keep": (1, None), "max_nonfinite_steps": (1, None), "eval_batch_size": (1, None),
+    "eval_every": (0, None), "eval_limit": (0, None),
+}
+
+
+def range_problem(name: str, value, low, high) -> str | None:
+    flag = "--" + name.replace("_", "-")
+    if low == 0.0 and isinstance(low, float) and not value > 0:  # "not >" also catches nan
+        return f"{flag} must be positive, got {value}"
+    if not value >= low:
+        return f"{flag} must be at least {low}{' (one 28x28 patch)' if name == 'max_pixels' else ''}, got {value}"
+    if high is not None and not value <= high:
+        return f"{flag} must be at most {high}, got {value}"
+    return None
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why --output-dir cannot be created or written, or None: the nearest existing ancestor decides."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"--output-dir {path}: {existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--output-dir {path}: {existing} is not writable"
+    return None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the flags; every mistake stops here, before a model is loaded."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.rewards = args.rewards or DEFAULT_REWARDS[args.prompt_mode]
     args.reward_weights = args.reward_weights or [1.0] * len(args.rewards)
-    problems = [
-        (args.num_generations < 2, "--num-generations must be at least 2: advantages compare completions"),
-        (args.num_frames < 1, "--num-frames must be at least 1"),
-        (args.temperature <= 0, "--temperature must be positive"),
-        (min(args.batch_size, args.micro_batch_size, args.num_iterations) < 1,
-         "--batch-size, --micro-batch-size and --num-iterations must be at least 1"),
-        (args.beta < 0 or args.clip_eps <= 0, "--beta must be >= 0 and --clip-eps > 0"),
-        (len(args.reward_weights) != len(args.rewards),
-         f"--reward-weights has {len(args.reward_weights)} values for {len(args.rewards)} rewards"),
-        ("format" in args.rewards and args.prompt_mode == "vanilla",
-         "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags"),
-        (not args.data and not (args.eval_only or args.demo or args.benchmark),
-         "--data is required (no data yet? try --demo)"),
-        (args.benchmark and args.max_steps == 1, "--benchmark needs --max-steps of 2 or more: step 1 is warm-up"),
-        (args.keep < 1 or args.max_nonfinite_steps < 1, "--keep and --max-nonfinite-steps must be at least 1"),
-        ((args.eval_only or args.eval_every) and not args.eval_data, "--eval-only and --eval-every need --eval-data"),
-        (args.eval_num_frames < 1, "--eval-num-frames must be at least 1"),
+    problems = [range_problem(name, getattr(args, name), low, high) for name, (low, high) in RANGES.items()] + [
+        args.min_pixels > args.max_pixels and f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}",
+        len(args.reward_weights) != len(args.rewards) and
+        f"--reward-weights has {len(args.reward_weights)} values for {len(args.rewards)} rewards",
+        not all(map(math.isfinite, args.reward_weights)) and "--reward-weights must be finite numbers",
+        "format" in args.rewards and args.prompt_mode == "vanilla" and
+        "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags",
+        not args.data and not (args.eval_only or args.demo or args.benchmark) and
+        "--data is required (no data yet? try --demo)",
+        args.benchmark and args.max_steps == 1 and "--benchmark needs --max-steps of 2 or more: step 1 is warm-up",
+        (args.eval_only or args.eval_every) and not args.eval_data and "--eval-only and --eval-every need --eval-data",
+        output_dir_problem(args.output_dir),
     ]
-    for bad, message in problems:
-        if bad:
-            parser.error(message)
+    for problem in problems:
+        if problem:
+            parser.error(problem)
     try:
         for paths in (args.data, args.eval_data):
             expand_paths(paths or [])
@@ -194,6 +226,22 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ============================================================================ 3. model, tokenizer, data
+def check_model(name: str) -> None:
+    """Stop in one line when --model is neither a local checkpoint nor on the hub, before any other work.
+
+    Only config.json is fetched here (the weights come with from_pretrained); the cause stays chained.
+    """
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # not one warning per retry
+    try:
+        Qwen2VLConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        where = "is a directory without a Qwen2-VL config.json" if os.path.isdir(name) else \
+            "is not a local directory, and the model hub could not give it"
+        cause = str(e).splitlines()[0]
+        raise DataError(f"--model {name} {where} ({type(e).__name__}: {cause}). "
+                        "Pass the directory of a downloaded checkpoint.") from e
+
+
 def load_model(args, device: torch.device):
     """Policy pi_theta (with LoRA adapters unless --lora-rank 0) and its tokenizer."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -645,6 +693,7 @@ def train(args) -> nn.Module:
     """The whole run; returns the trained policy (unwrapped)."""
     samples = checked_samples(args)
     eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt) if args.eval_every else []
+    check_model(args.model)
     eval_rows = eval_rows[:args.eval_limit or None]
     accelerator = make_accelerator()
     set_seed(args.seed)  # same LoRA initialisation on every process
@@ -839,6 +888,7 @@ def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict
 def run_evaluation(args) -> dict:
     accelerator = make_accelerator()
     rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)
+    check_model(args.model)
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
     policy, tokenizer = load_model(args, accelerator.device)
     predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
