@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
@@ -79,7 +80,7 @@ def expand_paths(patterns: list[str]) -> list[str]:
 KINDS = {str: "a string", (str, int, float): "a string or a number", list: "a list of strings"}
 
 
-def field(row: dict, names: tuple, where: str, kind=str, required: bool = True):
+def row_field(row: dict, names: tuple, where: str, kind=str, required: bool = True):
     """The first of `names` the row sets, checked against `kind`; a missing or mistyped field names the row."""
     for name in names:
         value = row.get(name)
@@ -101,23 +102,23 @@ def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> d
     """One row, in any accepted field spelling, as the sample dict the rest of the code uses."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    answer = str(field(row, FIELDS["answer"], where, (str, int, float)))
+    answer = str(row_field(row, FIELDS["answer"], where, (str, int, float)))
     answer = answer.split("<answer>")[-1].split("</answer>")[0].strip()  # "solution" is often tagged
-    video = field(row, ("path", "video"), where, required=False)
+    video = row_field(row, ("path", "video"), where, required=False)
     if video is None:
         if row.get("scene_name") is None or row.get("dataset") is None:
             raise DataError(f"{where}: missing field 'path' (or 'video', or 'dataset' + 'scene_name')")
-        video = f"{field(row, ('dataset',), where)}/{field(row, ('scene_name',), where)}.mp4"  # VSI-Bench's layout
-    question_type = field(row, ("question_type", "problem_type"), where, required=False) or ""
+        video = f"{row_field(row, ('dataset',), where)}/{row_field(row, ('scene_name',), where)}.mp4"  # VSI-Bench's layout
+    question_type = row_field(row, ("question_type", "problem_type"), where, required=False) or ""
     # Numeric iff VSI-Bench scores the type with MRA; an untyped row is numeric if its answer is a number.
     number = to_float(answer)
     numeric = question_type in NUMERIC_TYPES or (not question_type and number is not None)
     if numeric and number is None:
         raise DataError(f"{where}: answer {answer!r} of numeric question type {question_type!r} is not a number")
     return {
-        "id": where if row.get("id") is None else field(row, ("id",), where, (str, int, float)),  # as given
-        "question": field(row, FIELDS["question"], where), "answer": answer, "question_type": question_type,
-        "kind": "numeric" if numeric else "word", "options": field(row, ("options",), where, list, required=False)
+        "id": where if row.get("id") is None else row_field(row, ("id",), where, (str, int, float)),  # as given
+        "question": row_field(row, FIELDS["question"], where), "answer": answer, "question_type": question_type,
+        "kind": "numeric" if numeric else "word", "options": row_field(row, ("options",), where, list, required=False)
         or [], "video": os.path.join(video_root, video), "prompt_mode": prompt_mode, "source": where,
     }
 
@@ -139,11 +140,11 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str, errors:
     return samples
 
 
-def check_videos(samples: list[dict], num_frames: int | None, workers: int = 8) -> list[str]:
+def check_videos(samples: list[dict], args, decode: bool, workers: int = 8) -> list[str]:
     """Problems with the rows' videos, each video checked once, in parallel threads.
 
-    num_frames None only checks that each file exists (cheap); a number decodes that many
-    frames, which finds truncated and corrupt files too.
+    decode False only checks that each file exists (cheap); True runs training's own
+    preprocessing (decode, resize, patches), so a video it passes trains.
     """
     first_row = {}
     for s in samples:
@@ -151,10 +152,10 @@ def check_videos(samples: list[dict], num_frames: int | None, workers: int = 8) 
 
     def problem(path: str) -> str | None:
         try:
-            if num_frames is None and not os.path.isfile(path):
+            if not os.path.isfile(path):
                 raise DataError(f"video not found: {path}")
-            if num_frames is not None:
-                read_frames(path, num_frames)
+            if decode:
+                load_video(path, args.num_frames, args.min_pixels, args.max_pixels)
         except DataError as e:
             return f"{first_row[path]}: {e}"
         return None
@@ -163,22 +164,47 @@ def check_videos(samples: list[dict], num_frames: int | None, workers: int = 8) 
         return [p for p in pool.map(problem, first_row) if p]
 
 
-def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator) -> tuple[list, list, list]:
-    """Decode the videos of `indices`; a failing video is reported, counted and replaced by a random row."""
+@dataclass
+class VideoHealth:
+    """The videos a run has decoded (good) and failed to decode (bad), so a bad one is never drawn twice."""
+    good: set = field(default_factory=set)
+    bad: set = field(default_factory=set)
+
+
+def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator,
+               health: VideoHealth) -> tuple[list, list, list]:
+    """Decode the videos of `indices`: (rows, videos, failures this step).
+
+    A video that fails is remembered as bad and its row replaced by one whose video decoded
+    before (or, early in a run, any row not known to be bad). After 10 failed tries per row
+    the batch comes back short; the training loop then stops the run, saving first.
+    """
     loaded, videos, failures = [], [], []
     candidates = list(indices)
-    while len(loaded) < len(indices):
-        if len(failures) > args.max_bad_video_fraction * len(indices):
-            raise DataError(f"{len(failures)} of {len(indices)} videos in a batch failed, over "
-                            f"--max-bad-video-fraction {args.max_bad_video_fraction}:\n  " + "\n  ".join(failures))
-        index = candidates.pop(0) if candidates else int(rng.integers(len(samples)))
+    while len(loaded) < len(indices) and len(failures) < 10 * len(indices):
+        index = candidates.pop(0) if candidates else replacement_row(samples, health, rng)
+        if index is None:
+            break  # every video has failed
+        sample = samples[index]
+        if sample["video"] in health.bad:
+            continue  # drawn by the data order; a row known to be good takes its place
         try:
-            videos.append(load_video(samples[index]["video"], args.num_frames, args.min_pixels, args.max_pixels))
-            loaded.append(samples[index])
+            videos.append(load_video(sample["video"], args.num_frames, args.min_pixels, args.max_pixels))
+            loaded.append(sample)
+            health.good.add(sample["video"])
         except DataError as e:
-            failures.append(f"{samples[index]['source']}: {e}")
-            print(f"warning: skipped {failures[-1]}", file=sys.stderr)
+            health.good.discard(sample["video"])  # a file damaged after it was first read
+            health.bad.add(sample["video"])
+            failures.append(f"{sample['source']}: {e}")
+            print(f"warning: skipped {failures[-1]}; its video is not drawn again", file=sys.stderr)
     return loaded, videos, failures
+
+
+def replacement_row(samples: list[dict], health: VideoHealth, rng: np.random.Generator) -> int | None:
+    """A random row whose video decoded before; early in a run, any row not known to be bad."""
+    good = [i for i, s in enumerate(samples) if s["video"] in health.good]
+    pool = good or [i for i, s in enumerate(samples) if s["video"] not in health.bad]
+    return int(rng.choice(pool)) if pool else None
 
 
 def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples: int, seed: int) -> list[int]:

@@ -8,8 +8,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import av
 import numpy as np
@@ -297,7 +299,9 @@ def test_step_metrics_by_hand():
     ro = vsgrpo.Rollout(batch, ids, *vsgrpo.completion_mask(ids, [eos]), ["x"] * 4,
                         {"accuracy": reward, "total": reward}, torch.zeros(4), None, None)
     args = vsgrpo.argparse.Namespace(num_generations=2, rewards=["accuracy"], num_iterations=2)
-    m = vsgrpo.step_metrics(ro, args, {"generation": 2.0, "optimisation": 4.0}, {"loss": 0.5}, 1, 1e-5)
+    vsgrpo.PHASES.clear()
+    vsgrpo.PHASES.update(generation=2.0, optimisation=4.0)
+    m = vsgrpo.step_metrics(ro, args, {"loss": 0.5}, 1, 1e-5)
     assert m["truncated_fraction"] == 0.25                     # only row 2 never ends
     assert (m["completion_length"], m["completion_length_max"]) == ((3 + 4 + 1 + 4) / 4, 4)
     assert m["zero_std_fraction"] == 0.5 and m["reward"] == 0.5
@@ -646,17 +650,27 @@ def test_a_data_path_that_does_not_exist_is_a_flag_error(capsys):
     assert "no data file matches '/nonexistent/vsi100k/*.json'" in capsys.readouterr().err
 
 
-def test_bad_videos_are_reported_skipped_counted_and_replaced(synthetic, capsys):
-    args = make_args(synthetic, "--max-bad-video-fraction", "0.5")
+def test_a_bad_video_is_reported_remembered_and_replaced_by_a_row_known_to_be_good(synthetic, capsys):
+    args = make_args(synthetic)
     samples = data.load_samples([synthetic["data"]], synthetic["videos"], "vanilla")
     samples[1] = dict(samples[1], video="/missing/one.mp4")
-    loaded, videos, failures = data.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0))
-    assert len(loaded) == len(videos) == 4 and len(failures) == 1
-    assert samples[1] not in loaded and "/missing/one.mp4" in capsys.readouterr().err
-    samples[2] = dict(samples[2], video="/missing/two.mp4")
-    samples[3] = dict(samples[3], video="/missing/three.mp4")
-    with pytest.raises(data.DataError, match="3 of 4 videos in a batch failed"):
-        data.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0))
+    health = data.VideoHealth()
+    loaded, videos, failures = data.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0), health)
+    assert len(loaded) == len(videos) == 4 and len(failures) == 1 and health.bad == {"/missing/one.mp4"}
+    assert samples[1] not in loaded and loaded[3]["video"] in {samples[i]["video"] for i in (0, 2, 3)}
+    assert "/missing/one.mp4" in capsys.readouterr().err
+    loaded, _, failures = data.load_batch(samples, [1, 5], args, np.random.default_rng(0), health)
+    assert failures == [] and samples[1] not in loaded            # known bad: skipped without another try
+    assert capsys.readouterr().err == ""
+
+
+def test_a_batch_that_cannot_be_filled_comes_back_short_instead_of_raising(synthetic):
+    args = make_args(synthetic)
+    samples = [dict(s, video=f"/missing/{i}.mp4") for i, s in enumerate(data.load_samples(
+        [synthetic["data"]], synthetic["videos"], "vanilla"))]
+    health = data.VideoHealth()
+    loaded, _, failures = data.load_batch(samples, [0, 1], args, np.random.default_rng(0), health)
+    assert loaded == [] and len(failures) == 12 and len(health.bad) == 12     # every video tried once, then given up
 
 
 def test_each_process_takes_different_questions_and_an_epoch_covers_all_once():
@@ -672,10 +686,11 @@ def digit_share(completions: list[str], samples: list[dict]) -> list[float]:
     return [sum(w.isdigit() for w in c.split()) / max(1, len(c.split())) for c in completions]
 
 
-def training_flags(synthetic, out_dir, *extra):
+def training_flags(synthetic, out_dir, *extra, reward="digits"):
+    """A small run's flags; a run in a process of its own takes a built-in reward (the test's are not there)."""
     return ["--model", synthetic["model"], "--data", synthetic["data"], "--video-root", synthetic["videos"],
             "--output-dir", str(out_dir), "-G", "4", "--batch-size", "2", "--num-frames", "4",
-            "--max-pixels", str(56 * 56), "--max-completion-length", "6", "--rewards", "digits",
+            "--max-pixels", str(56 * 56), "--max-completion-length", "6", "--rewards", reward,
             "--lora-rank", "4", "--learning-rate", "1e-2", "--log-completions-every", "2", *extra]
 
 
@@ -1009,15 +1024,13 @@ def test_evaluation_with_two_processes_equals_one_process(synthetic, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the README is true
-def test_readme_lists_every_flag_with_the_codes_default():
-    readme = open(os.path.join(HERE, "README.md")).read()
-    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `")
-            for line in readme.splitlines() if line.startswith("| `-")}
+def test_help_shows_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        vsgrpo.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())            # argparse wraps lines
     for action in vsgrpo.build_parser()._actions:
-        if action.dest != "help":
-            switch = action.nargs == 0                  # store_true / store_false: the flag is off unless given
-            default = "off" if switch else "—" if action.default is None else str(action.default)
-            assert rows.get(", ".join(action.option_strings)) == default, action.option_strings
+        if action.dest != "help" and action.nargs != 0:       # a switch is off unless given
+            assert f"{action.option_strings[-1]}" in text and f"(default: {action.default})" in text, action.dest
 
 
 def test_readme_test_command_is_the_one_ci_runs_after_the_readmes_own_set_up():
@@ -1068,6 +1081,10 @@ def comparable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(TIMING_KEYS)}
 
 
+class Killed(BaseException):
+    """A process killed at that point: nothing of the program's runs after it."""
+
+
 def fail_on_call(function, n: int):
     """`function`, except that its n-th call raises: a process killed at that point."""
     calls = []
@@ -1075,7 +1092,7 @@ def fail_on_call(function, n: int):
     def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == n:
-            raise KeyboardInterrupt(f"killed at call {n}")
+            raise Killed(f"killed at call {n}")
         return function(*args, **kwargs)
     return wrapped
 
@@ -1085,7 +1102,7 @@ def test_a_run_killed_after_a_checkpoint_and_resumed_reproduces_the_uninterrupte
                                                "--log-completions-every", "0", *extra)
     whole = vsgrpo.main(flags(tmp_path / "whole"))
     monkeypatch.setattr(vsgrpo, "optimise", fail_on_call(vsgrpo.optimise, 3))   # dies in step 3
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         vsgrpo.main(flags(tmp_path / "split"))
     monkeypatch.undo()
     assert [os.path.basename(c) for c in vsgrpo.checkpoints(str(tmp_path / "split"))] == ["checkpoint-000002"]
@@ -1099,7 +1116,7 @@ def test_a_run_killed_after_a_checkpoint_and_resumed_reproduces_the_uninterrupte
 
 def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_as_the_latest(synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(vsgrpo, "save_file", fail_on_call(vsgrpo.save_file, 2))  # the 2nd save dies mid-way
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "4", "--save-every", "2"))
     assert [os.path.basename(c) for c in vsgrpo.checkpoints(str(tmp_path))] == ["checkpoint-000002"]
     assert os.path.isdir(tmp_path / "checkpoint-000004.partial")             # the torn save, never taken
@@ -1179,10 +1196,12 @@ def test_a_non_finite_step_is_skipped_and_counted(synthetic, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in policy.state_dict().items() if k.endswith("lora_B"))
 
 
-def test_non_finite_steps_in_a_row_stop_the_run_with_a_last_good_checkpoint(synthetic, tmp_path):
-    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss or gradient") as stop:
+def test_non_finite_steps_in_a_row_stop_the_run_with_a_last_good_checkpoint(synthetic, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
         vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "10", "--rewards", "always_nan"))
-    assert "checkpoint-000003" in str(stop.value)
+    error = capsys.readouterr().err
+    assert stop.value.code == 1 and "3 steps in a row had a non-finite loss or gradient" in error
+    assert "saved " + str(tmp_path / "checkpoint-000003") in error and "--resume" in error
     good = load_file_from(tmp_path / "checkpoint-000003" / "trainer" / "trainable.safetensors")
     assert all(v.abs().sum() == 0 for k, v in good.items() if k.endswith("lora_B"))   # no NaN step was applied
 
@@ -1220,3 +1239,240 @@ def test_loading_is_safe_by_default():
     source = open(os.path.join(HERE, "vsgrpo.py")).read()
     loads = [line for line in source.splitlines() if "torch.load(" in line]
     assert loads and all("weights_only=True" in line for line in loads)
+
+
+# ----------------------------------------------------------------------------- never lose a run
+def checkpoint_files(path) -> dict:
+    return {name: open(os.path.join(root, name), "rb").read() for root, _, names in os.walk(path) for name in names}
+
+
+def test_a_second_run_into_a_used_output_dir_stops_before_loading_and_overwrite_says_what_it_deletes(
+        synthetic, tmp_path, monkeypatch, capsys):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "1", "--log-completions-every", "0")
+    vsgrpo.main(flags)
+    before = checkpoint_files(tmp_path)
+    monkeypatch.setattr(vsgrpo, "load_model", fail_on_call(vsgrpo.load_model, 1))   # loading would be too late
+    for again in (flags, flags + ["--seed", "1"]):
+        with pytest.raises(SystemExit, match="holds an earlier run .*Continue it with --resume.* --overwrite"):
+            vsgrpo.main(again)
+    assert checkpoint_files(tmp_path) == before                      # nothing touched
+    monkeypatch.undo()
+    capsys.readouterr()
+    vsgrpo.main(flags + ["--seed", "1", "--max-steps", "1", "--overwrite"])
+    assert ("--overwrite: deleting args.json, checkpoint-000001, checkpoint-000002, metrics.jsonl from "
+            f"{tmp_path}") in capsys.readouterr().err
+    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 1 and not os.path.exists(tmp_path / "checkpoint-000002")
+    assert json.load(open(tmp_path / "args.json"))["seed"] == 1
+
+
+def test_resume_with_nothing_to_resume_stops_and_changes_nothing(synthetic, tmp_path):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "0", "--log-completions-every", "0")
+    vsgrpo.main(flags)
+    before = checkpoint_files(tmp_path)
+    with pytest.raises(SystemExit, match=f"--resume: no complete checkpoint in {tmp_path}; nothing was changed"):
+        vsgrpo.main(flags + ["--resume"])
+    assert checkpoint_files(tmp_path) == before
+
+
+def test_resume_refuses_another_configuration_naming_the_flags_and_allows_a_longer_run(synthetic, tmp_path):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--log-completions-every", "0")
+    vsgrpo.main(flags)
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main(flags + ["--resume", "--seed", "1", "-G", "3", "--max-steps", "3"])
+    message = str(stop.value.code)
+    assert "this run's settings differ from the checkpoint's: " in message
+    assert "--num-generations 3 (checkpoint: 4)" in message and "--seed 1 (checkpoint: 0)" in message
+    assert "--max-steps" not in message
+    vsgrpo.main(flags + ["--resume", "--max-steps", "3", "--save-every", "3", "--log-completions-every", "1"])
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def start(command: list[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, **kwargs)
+
+
+def wait_for_steps(process: subprocess.Popen, metrics, steps: int, timeout: float = 120) -> None:
+    """Until `metrics` has `steps` lines (the run is training), or fail with the run's output."""
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= steps):
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"the run ended or stalled before step {steps}:\n{process.communicate()[1][-3000:]}")
+        time.sleep(0.1)
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"did not stop within {timeout} s: {process.communicate()[1][-3000:]}")
+    return process.returncode, out, err
+
+
+def test_a_second_run_into_a_directory_in_use_stops_naming_the_holder_and_a_stale_lock_is_taken_over(
+        synthetic, tmp_path):
+    command = [sys.executable, os.path.join(HERE, "vsgrpo.py"), *training_flags(
+        synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000", "--log-completions-every", "0",
+        reward="accuracy")]
+    first = start(command)
+    wait_for_steps(first, tmp_path / "metrics.jsonl", 1)
+    assert open(tmp_path / "run.lock").read().split()[0] == str(first.pid)
+    code, _, err = finish(start(command + ["--overwrite"]))
+    assert code == 1 and f"is in use by process {first.pid} on " in err and first.poll() is None
+    assert os.path.exists(tmp_path / "metrics.jsonl")                    # the first run's log survived --overwrite
+    os.killpg(first.pid, signal.SIGKILL)                                   # dies holding the lock
+    first.wait()
+    code, _, err = finish(start(command + ["--overwrite", "--max-steps", "1"]))
+    assert code == 0, err[-3000:]
+    assert f"run.lock was left by process {first.pid}, which is gone: taking it over" in err
+    assert not os.path.exists(tmp_path / "run.lock")                       # released at the end
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(synthetic, tmp_path, signum):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000",
+                           "--log-completions-every", "0", reward="accuracy")
+    run = start([sys.executable, os.path.join(HERE, "vsgrpo.py"), *flags])
+    wait_for_steps(run, tmp_path / "metrics.jsonl", 2)
+    os.kill(run.pid, signum)
+    code, _, err = finish(run)
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    done = [m["step"] for m in logged if "stopped" not in m]
+    name = signal.Signals(signum).name
+    assert code == 128 + signum and "Traceback" not in err, err[-3000:]
+    assert logged[-1] == {"step": done[-1] + 1, "stopped": f"stopped by {name}"}
+    path = tmp_path / f"checkpoint-{done[-1]:06d}"
+    assert f"saved {path}" in err and "run the same command with --resume" in err
+    assert vsgrpo.checkpoint_problem(str(path)) is None
+    vsgrpo.main(flags + ["--resume", "--max-steps", str(done[-1] + 1)])           # and it goes on from there
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == done + [done[-1] + 1]
+
+
+def test_sigterm_to_two_processes_under_accelerate_launch_saves_one_agreed_step(synthetic, tmp_path):
+    run = start([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), *training_flags(
+        synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000", "--log-completions-every", "0",
+        reward="accuracy")])
+    wait_for_steps(run, tmp_path / "metrics.jsonl", 2)
+    os.killpg(run.pid, signal.SIGTERM)                            # as a scheduler does: the launcher and its workers
+    code, _, err = finish(run)
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    last = logged[-2]["step"]
+    assert code != 0 and logged[-1] == {"step": last + 1, "stopped": "stopped by SIGTERM"}, err[-3000:]
+    assert err.count(f"saved {tmp_path / f'checkpoint-{last:06d}'}") == 1
+    assert vsgrpo.checkpoints(str(tmp_path)) == [str(tmp_path / f"checkpoint-{last:06d}")]
+    trainer = os.listdir(tmp_path / f"checkpoint-{last:06d}" / "trainer")
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= set(trainer)
+
+
+FULL_DISK = """
+import resource, signal, sys
+sys.path.insert(0, {here!r})
+import vsgrpo
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a write past the limit then fails as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+vsgrpo.main(sys.argv[1:])
+"""
+
+
+def test_a_save_that_cannot_be_written_says_what_and_where_removes_its_partial_files_and_keeps_the_last(
+        synthetic, tmp_path):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "2", "--log-completions-every", "0",
+                           reward="accuracy")
+    vsgrpo.main(flags)
+    script = tmp_path.parent / f"{tmp_path.name}-full_disk.py"
+    script.write_text(FULL_DISK.format(here=HERE))
+    code, _, err = finish(start([sys.executable, str(script), *flags, "--resume", "--max-steps", "4"]))
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert (f"error: could not write {tmp_path / 'checkpoint-000004'}: " in err and "File too large" in err and
+            f"Its partial files were removed; the last complete checkpoint is {tmp_path / 'checkpoint-000002'}" in err)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("checkpoint")) == ["checkpoint-000002"]
+    assert vsgrpo.checkpoint_problem(str(tmp_path / "checkpoint-000002")) is None
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: open(p / "model.safetensors", "r+b").truncate(1000), "model.safetensors has 1000 bytes, its manifest"),
+    (lambda p: open(p / "trainer" / "optimizer.pt", "r+b").write(b"\0" * 64), "optimizer.pt does not match"),
+    (lambda p: (p / "trainer" / "state.json").write_text("{"), "state.json has 1 bytes"),
+    (lambda p: os.remove(p / "manifest.json"), "has no manifest.json"),
+])
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_that_verifies(
+        synthetic, tmp_path, capsys, damage, problem):
+    flags = lambda out, *extra: training_flags(synthetic, out, "--max-steps", "4", "--save-every", "2",
+                                               "--log-completions-every", "0", *extra)
+    vsgrpo.main(flags(tmp_path / "whole"))
+    vsgrpo.main(flags(tmp_path / "run", "--max-steps", "3"))       # checkpoints 2 and 3
+    damage(tmp_path / "run" / "checkpoint-000003")
+    with pytest.raises(SystemExit) as stop:                         # named explicitly: refused, pointing to the good one
+        vsgrpo.main(flags(tmp_path / "run", "--resume", str(tmp_path / "run" / "checkpoint-000003")))
+    assert problem in str(stop.value.code)
+    assert f"The newest checkpoint that verifies is {tmp_path / 'run' / 'checkpoint-000002'}" in str(stop.value.code)
+    capsys.readouterr()
+    vsgrpo.main(flags(tmp_path / "run", "--resume"))
+    err = capsys.readouterr().err
+    assert problem in err and "set aside as" in err and os.path.isdir(tmp_path / "run" / "checkpoint-000003.damaged")
+    expected = [comparable(json.loads(line)) for line in open(tmp_path / "whole" / "metrics.jsonl")]
+    assert [comparable(json.loads(line)) for line in open(tmp_path / "run" / "metrics.jsonl")] == expected
+
+
+@rewards.reward("damage_videos_after_step_1")
+def damage_videos_after_step_1(completions, samples, calls=[]):
+    """Truncates every video but train_00000's and train_00001's after the first step: a disk failing mid-run."""
+    calls.append(1)
+    if len(calls) == 1:
+        for path in DAMAGEABLE:
+            if not path.endswith(("train_00000.mp4", "train_00001.mp4")):
+                open(path, "r+b").truncate(2000)
+    return [0.0] * len(completions)
+
+
+DAMAGEABLE = []
+
+
+def copy_dataset(synthetic, to) -> str:
+    shutil.copytree(synthetic["videos"], to / "videos")
+    return str(to / "videos")
+
+
+def test_one_bad_video_at_the_default_batch_size_is_skipped_for_the_whole_run(synthetic, tmp_path, capsys):
+    videos = copy_dataset(synthetic, tmp_path)
+    open(os.path.join(videos, "synthetic", "train_00003.mp4"), "r+b").truncate(1500)        # undecodable
+    os.remove(os.path.join(videos, "synthetic", "train_00007.mp4"))                          # missing from the start
+    flags = training_flags(synthetic, tmp_path / "run", "--max-steps", "22", "--batch-size", "1", "-G", "2",
+                           "--log-completions-every", "0", "--save-every", "0")
+    vsgrpo.main([*flags, "--video-root", videos])
+    err = capsys.readouterr().err
+    assert "1 video(s) missing; their rows are dropped, 11 rows left" in err and "train_00007.mp4" in err
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(metrics) == 22 and sum(m["bad_videos"] for m in metrics) == 1      # two epochs: tried once, never again
+    assert len([line for line in err.splitlines() if "skipped" in line and "train_00003.mp4" in line]) == 1
+
+
+def test_videos_failing_mid_run_stop_it_over_the_fraction_saving_first_and_logging_the_step(synthetic, tmp_path,
+                                                                                              capsys):
+    videos = copy_dataset(synthetic, tmp_path)
+    DAMAGEABLE[:] = [os.path.join(videos, "synthetic", n) for n in os.listdir(os.path.join(videos, "synthetic"))]
+    damage_videos_after_step_1.__defaults__[0].clear()
+    flags = training_flags(synthetic, tmp_path / "run", "--max-steps", "30", "--rewards", "damage_videos_after_step_1",
+                           "--save-every", "100", "--log-completions-every", "0", "-G", "2")
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main([*flags, "--video-root", videos])
+    err = capsys.readouterr().err
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    failed, last = logged[-1]["step"], logged[-2]["step"]
+    assert stop.value.code == 1 and failed == last + 1 and "distinct videos tried failed to decode" in logged[-1]["stopped"]
+    assert f"saved {tmp_path / 'run' / f'checkpoint-{last:06d}'}" in err
+    assert "over --max-bad-video-fraction 0.5" in err and last >= 1
+
+
+def test_check_data_runs_trainings_preprocessing_so_what_it_passes_trains(tmp_path, capsys):
+    data.write_video(str(tmp_path / "videos" / "wide.mp4"), np.zeros((4, 16, 4000, 3), np.uint8))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "How many?", "ground_truth": "2", "path": "wide.mp4"}) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main(["--check-data", "--data", str(rows), "--video-root", str(tmp_path / "videos"), "--num-frames", "2"])
+    assert stop.value.code == 1
+    out = capsys.readouterr().out
+    assert "1 missing or undecodable videos" in out and "aspect ratio 16x4000 is beyond Qwen2-VL's limit" in out

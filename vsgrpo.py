@@ -11,12 +11,15 @@ R1-Zero-Like Training"). It reads top to bottom like the paper's section 3.2:
   accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data vsi100k/*.json --video-root scannet
 """
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -29,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -37,7 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
 
-from data import (NUMERIC_TYPES, PROMPTS, DataError, batch_indices, benchmark_prompt, check_videos, expand_paths,
+from data import (NUMERIC_TYPES, PROMPTS, DataError, VideoHealth, batch_indices, benchmark_prompt, check_videos, expand_paths,
                   load_batch, load_samples, load_video, prompt_ids, question_text, read_rows, write_synthetic_dataset)
 from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score, benchmark_score,
                      clean_prediction, extract_answer, no_video_baseline, score_completions, task_scores)
@@ -45,7 +48,8 @@ from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS,
 
 # ============================================================================ 1. arguments
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).")
+    p = argparse.ArgumentParser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub name or local path (paper: Qwen2-VL-2B/7B-Instruct)")
     a("--data", nargs="+", help="training rows: JSON or JSONL files or globs (paper: VSI-100k)")
@@ -80,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="encode a video in every pass instead of once per step (slower; for comparison)")
     a("--attn-implementation", default="sdpa", help="sdpa, eager or flash_attention_2 (transformers' default: sdpa)")
     a("--seed", type=int, default=0, help="seeds LoRA init, data order and sampling")
-    a("--max-bad-video-fraction", type=float, default=0.5, help="stop when more of a batch's videos fail (our choice)")
+    a("--max-bad-video-fraction", type=float, default=0.5,
+      help="stop when more of the distinct videos tried so far fail (after 10 tried; our choice)")
     a("--log-completions-every", type=int, default=10, help="print one question's G completions every N steps")
     a("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end (0 = never)")
     a("--keep", type=int, default=3, help="checkpoints kept, the newest (our choice)")
     a("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --output-dir, or from PATH")
+    a("--overwrite", action="store_true", help="delete the earlier run in --output-dir (its metrics and checkpoints)")
     a("--max-nonfinite-steps", type=int, default=3, help="stop after this many non-finite steps in a row (our choice)")
     a("--check-data", action="store_true", help="check every row and video of --data (in parallel) and exit")
     a("--trust-remote-code", action="store_true", help="let the checkpoint run its own code (off: safe loading)")
@@ -486,31 +492,34 @@ def logps_in_chunks(model, batch, completion_ids, mask, args) -> torch.Tensor:
                       for r in rows.split(args.micro_batch_size)])
 
 
+PHASES: dict[str, float] = {}  # seconds per phase of the current step; the run's bookkeeping reads and clears it
+
+
 @contextmanager
-def timed(timings: dict, phase: str):
+def timed(phase: str):
     start = time.perf_counter()
     yield
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # charge queued GPU work to the phase that queued it
-    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+    PHASES[phase] = PHASES.get(phase, 0.0) + time.perf_counter() - start
 
 
-def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> Rollout:
+def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
     """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
     policy.eval()
-    with timed(timings, "vision"):
+    with timed("vision"):
         batch.video_features = encode_videos(policy, batch) if args.reuse_vision else None
-    with timed(timings, "generation"):
+    with timed("generation"):
         config = generation_config(policy, tokenizer, args)
         completion_ids = generate(policy, batch, config)
         mask, truncated = completion_mask(completion_ids, config.eos_token_id)
-    with timed(timings, "scoring"):
+    with timed("scoring"):
         completions = decode(tokenizer, completion_ids, mask)
         samples = [s for s in batch.samples for _ in range(args.num_generations)]
         rewards = {name: torch.tensor(values, device=completion_ids.device) for name, values in
                    score_completions(completions, samples, args.rewards, args.reward_weights).items()}
         advantages = group_advantages(rewards["total"], args.num_generations)
-    with timed(timings, "logprob_passes"):
+    with timed("logprob_passes"):
         old_logps = logps_in_chunks(policy, batch, completion_ids, mask, args) if args.num_iterations > 1 else None
         ref_logps = None
         if args.beta > 0:  # pi_ref: the frozen copy under full fine-tuning, else the policy without adapters
@@ -520,6 +529,7 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer, timings: dict) -> 
     return Rollout(batch, completion_ids, mask, truncated, completions, rewards, advantages, old_logps, ref_logps)
 
 
+@timed("optimisation")
 def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     """mu optimiser steps on one rollout batch, gradients accumulated over micro-batches."""
     policy.train()  # only switches gradient checkpointing on: Qwen2-VL and our LoRA have no dropout
@@ -554,7 +564,7 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     return stats
 
 
-def step_metrics(ro: Rollout, args, timings: dict, stats: dict, num_bad: int, lr: float) -> dict:
+def step_metrics(ro: Rollout, args, stats: dict, num_bad: int, lr: float) -> dict:
     lengths = ro.completion_mask.sum(1).float()
     groups = ro.rewards["total"].view(-1, args.num_generations)
     # Tokens each optimisation pass reads: every completion with its question's unpadded prompt.
@@ -565,10 +575,10 @@ def step_metrics(ro: Rollout, args, timings: dict, stats: dict, num_bad: int, lr
                "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
                "truncated_fraction": ro.truncated.float().mean().item(), "bad_videos": float(num_bad),
                "learning_rate": lr,
-               "generated_tokens_per_s": lengths.sum().item() / max(timings.get("generation", 0), 1e-9),
-               "train_tokens_per_s": train_tokens / max(timings.get("optimisation", 0), 1e-9)}
+               "generated_tokens_per_s": lengths.sum().item() / max(PHASES.get("generation", 0), 1e-9),
+               "train_tokens_per_s": train_tokens / max(PHASES.get("optimisation", 0), 1e-9)}
     metrics.update({f"reward_{name}": ro.rewards[name].mean().item() for name in args.rewards})
-    metrics.update({f"seconds_{phase}": t for phase, t in timings.items()})
+    metrics.update({f"seconds_{phase}": t for phase, t in PHASES.items()})
     return metrics
 
 
@@ -622,11 +632,20 @@ def save_model(policy, tokenizer, path: str) -> None:
     tokenizer.save_pretrained(path)
 
 
+class RunStopped(Exception):
+    """A stop the run handles itself (a signal, bad data, non-finite steps): saved first, then exit `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
 def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) -> str:
-    """checkpoint-N/: the merged model, and in trainer/ what --resume needs.
+    """checkpoint-N/: the merged model; in trainer/ what --resume needs; manifest.json, written last.
 
     Written to checkpoint-N.partial and renamed into place, so a kill during a save leaves
-    no checkpoint that looks complete and is not. Only the newest --keep are kept.
+    no checkpoint that looks complete and is not. A save that fails (a full disk) removes its
+    partial files and stops the run. Only the newest --keep are kept.
     """
     final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
     partial = final + ".partial"
@@ -634,23 +653,218 @@ def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) 
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(os.path.join(partial, "trainer"))
     accelerator.wait_for_everyone()
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    torch.save(rng, os.path.join(partial, "trainer", f"rng-rank{accelerator.process_index}.pt"))
+    try:
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+        torch.save(rng, os.path.join(partial, "trainer", f"rng-rank{accelerator.process_index}.pt"))
+        accelerator.wait_for_everyone()  # every process's random state is on disk before the manifest
+        if accelerator.is_main_process:
+            save_model(policy, tokenizer, partial)
+            save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
+                      os.path.join(partial, "trainer", "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), os.path.join(partial, "trainer", "optimizer.pt"))
+            with open(os.path.join(partial, "trainer", "state.json"), "w") as f:
+                json.dump({"step": step, "config": {**vars(args), "world_size": accelerator.num_processes}}, f)
+            write_manifest(partial)
+        error = None
+    except Exception as e:  # a full disk: OSError, or safetensors' own error type
+        error = f"{type(e).__name__}: {e}"
+    errors = [e for e in gather_object([error]) if e]
+    if errors:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        last = (checkpoints(args.output_dir) or ["none"])[-1]
+        raise RunStopped(f"could not write {final}: {errors[0]}. Its partial files were removed; "
+                         f"the last complete checkpoint is {last}")
     if accelerator.is_main_process:
-        save_model(policy, tokenizer, partial)
-        save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
-                  os.path.join(partial, "trainer", "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(partial, "trainer", "optimizer.pt"))
-        with open(os.path.join(partial, "trainer", "state.json"), "w") as f:
-            json.dump({"step": step, "world_size": accelerator.num_processes, "seed": args.seed}, f)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)  # only when a resumed run saves the same step again
         os.rename(partial, final)
         for old in checkpoints(args.output_dir)[:-args.keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str) -> None:
+    """manifest.json: every file's size and SHA-256, so a truncated or damaged file is found on --resume."""
+    files = sorted(os.path.relpath(os.path.join(root, name), directory)
+                   for root, _, names in os.walk(directory) for name in names)
+    entries = {f: {"bytes": os.path.getsize(os.path.join(directory, f)), "sha256": file_sha256(os.path.join(directory, f))}
+               for f in files}
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump(entries, f, indent=1)
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What is wrong with a checkpoint, checked against its manifest, or None."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            entries = json.load(f)
+    except FileNotFoundError:
+        return f"{path} has no manifest.json (its save never finished)"
+    except ValueError:
+        return f"{path}/manifest.json is damaged"
+    for name, entry in entries.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != entry["bytes"]:
+            return f"{file} has {os.path.getsize(file)} bytes, its manifest {entry['bytes']} (truncated?)"
+        if file_sha256(file) != entry["sha256"]:
+            return f"{file} does not match its manifest's checksum (damaged)"
+    return None
+
+
+def checkpoint_to_resume(args, world_size: int) -> str:
+    """The checkpoint to continue from. --resume PATH must verify against its manifest; plain --resume
+    takes the newest checkpoint that does, setting damaged ones aside. Either must be this run's."""
+    if args.resume != "latest":
+        problem = checkpoint_problem(args.resume)
+        if problem:
+            good = next((c for c in reversed(checkpoints(os.path.dirname(os.path.abspath(args.resume))))
+                         if not checkpoint_problem(c)), None)
+            raise DataError(f"--resume {args.resume}: {problem}" + (f". The newest checkpoint that verifies is "
+                                                                     f"{good}: pass --resume {good}" if good else ""))
+        return same_run(args.resume, args, world_size)
+    for path in reversed(checkpoints(args.output_dir)):
+        problem = checkpoint_problem(path)
+        if not problem:
+            return same_run(path, args, world_size)
+        os.rename(path, path + ".damaged")  # kept for inspection; never taken as a checkpoint again
+        print(f"warning: {problem}; set aside as {path}.damaged, resuming from the checkpoint before it",
+              file=sys.stderr)
+    raise DataError(f"--resume: no complete checkpoint in {args.output_dir}; nothing was changed "
+                    "(start a new run without --resume)")
+
+
+# Flags a resumed run may change: none of them changes what a step computes.
+MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_every", "eval_limit", "eval_data",
+              "eval_video_root", "eval_prompt", "eval_num_frames", "eval_max_new_tokens", "eval_batch_size", "resume",
+              "overwrite", "output_dir", "micro_batch_size", "gradient_checkpointing", "attn_implementation",
+              "reuse_vision", "max_bad_video_fraction", "max_nonfinite_steps", "check_data", "eval_only", "demo",
+              "benchmark", "trust_remote_code", "report_to"}
+
+
+def resume_mismatches(config: dict, args, world_size: int) -> list[str]:
+    """The flags whose value differs from the checkpoint's run (the number of processes too: it sets the data order)."""
+    now = {**json.loads(json.dumps(vars(args))), "world_size": world_size}
+    return [f"{'number of processes' if k == 'world_size' else '--' + k.replace('_', '-')} {now.get(k)} "
+            f"(checkpoint: {v})" for k, v in config.items() if k not in MAY_CHANGE and now.get(k) != v]
+
+
+def same_run(path: str, args, world_size: int) -> str:
+    with open(os.path.join(path, "trainer", "state.json")) as f:
+        different = resume_mismatches(json.load(f)["config"], args, world_size)
+    if different:
+        raise DataError(f"--resume {path}: this run's settings differ from the checkpoint's: " + "; ".join(different) +
+                        ". Use the checkpoint's, or start a new run in another --output-dir")
+    return path
+
+
+RUN_FILES = ("metrics.jsonl", "args.json")
+
+
+def earlier_run(output_dir: str, names=RUN_FILES) -> list[str]:
+    """What an earlier run left in output_dir: its logs and checkpoints (complete, partial or set aside)."""
+    found = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(n for n in found if n in names or (names is RUN_FILES and n.startswith("checkpoint-")))
+
+
+def free_output_dir(output_dir: str, overwrite: bool, names=RUN_FILES) -> None:
+    """Before any model loads: stop if an earlier run is in output_dir, or delete it when --overwrite asks."""
+    found = earlier_run(output_dir, names)
+    if found and not overwrite:
+        raise DataError(f"--output-dir {output_dir} holds an earlier run ({', '.join(found[:4])}"
+                        f"{', ...' if len(found) > 4 else ''}). Continue it with --resume, choose another "
+                        "--output-dir, or delete it with --overwrite")
+    if found:
+        print(f"--overwrite: deleting {', '.join(found)} from {output_dir}", file=sys.stderr)
+        for name in found:
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def take_lock(output_dir: str) -> str:
+    """Create output_dir/run.lock atomically, holding this process's id and host; a second run stops here."""
+    os.makedirs(output_dir, exist_ok=True)
+    path, host = os.path.join(output_dir, "run.lock"), socket.gethostname()
+    while True:
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with open(path) as f:
+                holder = f.read().split()
+            if len(holder) == 2 and holder[1] == host and not process_alive(int(holder[0])):
+                print(f"warning: {path} was left by process {holder[0]}, which is gone: taking it over", file=sys.stderr)
+                os.remove(path)
+                continue
+            raise DataError(f"--output-dir {output_dir} is in use by process {' on '.join(holder) or '(starting)'} "
+                            f"({path}). Wait for it to end, or use another --output-dir")
+        with os.fdopen(descriptor, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+        return path
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def release_lock(path: str | None) -> None:
+    if path and os.path.exists(path) and open(path).read().split()[:1] == [str(os.getpid())]:
+        os.remove(path)
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's notice of preemption) and SIGINT (Ctrl-C) stop the run after the current step, saved.
+
+    A second signal more than a second after the first abandons the step at once, unsaved. (The
+    launcher forwards each signal to its workers, so one Ctrl-C can arrive twice within milliseconds.)
+    """
+
+    def __init__(self):
+        self.received, self.at = 0, 0.0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received and time.monotonic() - self.at > 1:
+            raise KeyboardInterrupt(f"{name} again: the step was abandoned, unsaved")
+        if not self.received:
+            self.received, self.at = signum, time.monotonic()
+            print(f"\n{name}: finishing this step, then saving a checkpoint (send it again to stop at once, unsaved)",
+                  file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+MIN_VIDEOS_TRIED = 10  # before --max-bad-video-fraction applies: one bad video among the first few is no verdict
+
+
+def agreed_stop(accelerator, signals: StopSignals, health: VideoHealth, batch_short: bool, args) -> tuple | None:
+    """(reason, exit code) when any process must stop; every process gets the same answer."""
+    mine = torch.tensor([[signals.received, len(health.good | health.bad), len(health.bad), batch_short]],
+                        dtype=torch.float64, device=accelerator.device)
+    received, tried, bad, short = accelerator.gather(mine).cpu().T                        # each [W]
+    if received.max() > 0:
+        return f"stopped by {signal.Signals(int(received.max())).name}", 128 + int(received.max())
+    if short.any() or (tried.sum() >= MIN_VIDEOS_TRIED and bad.sum() > args.max_bad_video_fraction * tried.sum()):
+        return (f"stopped: {int(bad.sum())} of the {int(tried.sum())} distinct videos tried failed to decode, over "
+                f"--max-bad-video-fraction {args.max_bad_video_fraction} (the warnings above name them)"), 1
+    return None
 
 
 def checkpoints(output_dir: str) -> list[str]:
@@ -662,20 +876,12 @@ def checkpoints(output_dir: str) -> list[str]:
 def restore_checkpoint(path: str, policy, optimizer, rank: int) -> int:
     """Trainable weights, optimizer and this process's random state; returns the step to go on from."""
     trainer = os.path.join(path, "trainer")
-    if not os.path.isfile(os.path.join(trainer, "state.json")):
-        raise DataError(f"--resume: {path} is not a complete vsgrpo checkpoint (no trainer/state.json)")
-    trainable = load_file(os.path.join(trainer, "trainable.safetensors"))
-    expected = {n for n, p in policy.named_parameters() if p.requires_grad}
-    if set(trainable) != expected:
-        raise DataError(f"--resume: {path} holds other trainable weights (another --lora-rank?)")
-    policy.load_state_dict(trainable, strict=False)
+    policy.load_state_dict(load_file(os.path.join(trainer, "trainable.safetensors")), strict=False)
     optimizer.load_state_dict(torch.load(os.path.join(trainer, "optimizer.pt"), weights_only=True))
-    rng_path = os.path.join(trainer, f"rng-rank{rank}.pt")
-    if os.path.isfile(rng_path):  # absent when resuming on more processes than saved
-        rng = torch.load(rng_path, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    rng = torch.load(os.path.join(trainer, f"rng-rank{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     with open(os.path.join(trainer, "state.json")) as f:
         return json.load(f)["step"]
 
@@ -690,83 +896,149 @@ def make_accelerator() -> Accelerator:
 
 
 def train(args) -> nn.Module:
-    """The whole run; returns the trained policy (unwrapped)."""
-    samples = checked_samples(args)
-    eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt) if args.eval_every else []
-    check_model(args.model)
-    eval_rows = eval_rows[:args.eval_limit or None]
-    accelerator = make_accelerator()
-    set_seed(args.seed)  # same LoRA initialisation on every process
-    model, tokenizer = load_model(args, accelerator.device)
-    ref_model = reference_model(model, args)
-    encodings = count_video_encodings([model] + ([ref_model] if ref_model is not None else []))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=args.learning_rate, weight_decay=args.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    policy = accelerator.unwrap_model(model)
-    set_seed(args.seed, device_specific=True)  # but different samples on each process
-    rank, world = accelerator.process_index, accelerator.num_processes
-    steps = args.max_steps or max(1, len(samples) // (args.batch_size * world))
-    os.makedirs(args.output_dir, exist_ok=True)
-    resume_from = (checkpoints(args.output_dir) or [None])[-1] if args.resume == "latest" else args.resume
-    # The data position needs no saving: a step's rows follow from (seed, step, rank).
-    start = restore_checkpoint(resume_from, policy, optimizer, rank) if resume_from else 0
-    if accelerator.is_main_process:
-        keep_metrics_up_to(os.path.join(args.output_dir, "metrics.jsonl"), start)
-        print(f"{len(samples)} questions, {world} process(es), {steps} steps of "
-              f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}" +
-              (f"; resumed from {resume_from} at step {start}" if resume_from else ""))
-    started, nonfinite_in_a_row = time.perf_counter(), 0
-    peak_memory_gb(accelerator.device, reset=True)
-    for step in range(start + 1, steps + 1):
-        timings, encodings["videos"] = {}, 0
-        with timed(timings, "video_loading"):
-            indices = batch_indices(step - 1, rank, world, args.batch_size, len(samples), args.seed)
-            rng = np.random.default_rng([args.seed, step, rank])
-            loaded, videos, failures = load_batch(samples, indices, args, rng)
-            batch = collate(loaded, [question_text(s) for s in loaded], videos, tokenizer,
-                            policy.config.video_token_id, accelerator.device)
-        ro = rollout(policy, ref_model, batch, args, tokenizer, timings)
-        with timed(timings, "optimisation"):
-            stats = optimise(model, policy, optimizer, accelerator, ro, args)
-        metrics = step_metrics(ro, args, timings, stats, len(failures), optimizer.param_groups[0]["lr"])
-        metrics.update(video_encodings=encodings["videos"], peak_memory_gb=peak_memory_gb(accelerator.device))
+    """The whole run: GRPO steps over the data; returns the trained policy (unwrapped)."""
+    with Run(args) as run:
+        for step in range(run.start + 1, run.steps + 1):
+            with timed("video_loading"):
+                rows, videos = run.videos_for(step)
+                batch = collate(rows, [question_text(r) for r in rows], videos, run.tokenizer,
+                                run.policy.config.video_token_id, run.accelerator.device)
+            ro = rollout(run.policy, run.ref_model, batch, args, run.tokenizer)
+            stats = optimise(run.model, run.policy, run.optimizer, run.accelerator, ro, args)
+            run.end_step(step, ro, stats)  # logs, evaluates and saves on schedule; stops safely
+    return run.policy
+
+
+class Run:
+    """A training run's bookkeeping: the data, the output directory and its lock, the model and
+    optimizer, resuming, metrics, evaluation, checkpoints and safe stops."""
+
+    def __init__(self, args):
+        self.args, self.lock = args, None
+        self.samples = checked_samples(args)
+        eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt) if args.eval_every else []
+        self.eval_rows = eval_rows[:args.eval_limit or None]
+        check_model(args.model)
+        self.accelerator = accelerator = make_accelerator()
+        main, world = accelerator.is_main_process, accelerator.num_processes
+        try:
+            self.lock = take_lock(args.output_dir) if main else None
+            resume_from = None  # one process looks, all go on from what it found
+            if main:
+                resume_from = checkpoint_to_resume(args, world) if args.resume else \
+                    free_output_dir(args.output_dir, args.overwrite)
+            [resume_from] = broadcast_object_list([resume_from])
+            set_seed(args.seed)  # same LoRA initialisation on every process
+            model, self.tokenizer = load_model(args, accelerator.device)
+            self.ref_model = reference_model(model, args)
+            self.encodings = count_video_encodings([model] + ([self.ref_model] if self.ref_model is not None else []))
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                          lr=args.learning_rate, weight_decay=args.weight_decay)
+            self.model, self.optimizer = accelerator.prepare(model, optimizer)
+            self.policy = accelerator.unwrap_model(self.model)
+            set_seed(args.seed, device_specific=True)  # but different samples on each process
+            # The data position needs no saving: a step's rows follow from (seed, step, rank).
+            self.start = restore_checkpoint(resume_from, self.policy, self.optimizer, accelerator.process_index) \
+                if resume_from else 0
+        except BaseException:
+            release_lock(self.lock)
+            raise
+        self.steps = args.max_steps or max(1, len(self.samples) // (args.batch_size * world))
+        self.last_saved, self.nonfinite_in_a_row, self.health = self.start, 0, VideoHealth()
+        if main:
+            keep_metrics_up_to(os.path.join(args.output_dir, "metrics.jsonl"), self.start)
+            if not resume_from:
+                with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                    json.dump(vars(args), f, indent=1)
+            print(f"{len(self.samples)} questions, {world} process(es), {self.steps} steps of "
+                  f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}" +
+                  (f"; resumed from {resume_from} at step {self.start}" if resume_from else ""))
+        self.signals, self.started = StopSignals(), time.perf_counter()
+        peak_memory_gb(accelerator.device, reset=True)
+        PHASES.clear()
+        self.encodings["videos"] = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.signals.restore()
+        # Free the DDP wrapper before the process group: if DDP's destructor drops the group's last
+        # reference, gloo tears down while holding the GIL and can deadlock (pytorch/pytorch#56297).
+        self.accelerator.free_memory(self.model, self.optimizer)
+        del self.model, self.optimizer
+        release_lock(self.lock)
+
+    def videos_for(self, step: int) -> tuple[list, list]:
+        """The rows and decoded videos this process trains on at `step`; the processes agree first on any stop."""
+        args, rank, world = self.args, self.accelerator.process_index, self.accelerator.num_processes
+        indices = batch_indices(step - 1, rank, world, args.batch_size, len(self.samples), args.seed)
+        rng = np.random.default_rng([args.seed, step, rank])
+        rows, videos, self.failures = load_batch(self.samples, indices, args, rng, self.health)
+        stop = agreed_stop(self.accelerator, self.signals, self.health, len(rows) < len(indices), args)
+        if stop:
+            self.stop(*stop, save_step=step - 1, failed_step=step)
+        return rows, videos
+
+    def end_step(self, step: int, ro, stats: dict) -> None:
+        """Log the step, evaluate and save on schedule, and stop (saved) after too many non-finite steps."""
+        args, accelerator = self.args, self.accelerator
+        metrics = step_metrics(ro, args, stats, len(self.failures), self.optimizer.param_groups[0]["lr"])
+        metrics.update(video_encodings=self.encodings["videos"], peak_memory_gb=peak_memory_gb(accelerator.device))
         metrics = average_over_processes(accelerator, metrics)
         if args.eval_every and step % args.eval_every == 0:
-            predictions, _ = evaluate(policy, tokenizer, eval_rows, args, accelerator)
+            predictions, _ = evaluate(self.policy, self.tokenizer, self.eval_rows, args, accelerator)
             metrics["eval_avg"] = task_scores(predictions)["Avg"]
         if accelerator.is_main_process:
-            log_step(args, step, steps, metrics, (time.perf_counter() - started) / (step - start))
+            log_step(args, step, self.steps, metrics, (time.perf_counter() - self.started) / (step - self.start))
             if args.log_completions_every and step % args.log_completions_every == 0:
                 print_completions(ro, args)
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if stats["nonfinite"] else 0
-        if nonfinite_in_a_row:
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if stats["nonfinite"] else 0
+        if self.nonfinite_in_a_row:
             print(f"warning: step {step} skipped: non-finite loss or gradient", file=sys.stderr)
-        if nonfinite_in_a_row >= args.max_nonfinite_steps:
-            path = save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step)
-            raise RuntimeError(f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient; "
-                               f"stopped. The last good weights are in {path}")
-        if args.save_every and (step % args.save_every == 0 or step == steps):
-            save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step)
-    # Free the DDP wrapper before the process group: if DDP's destructor drops the group's last
-    # reference, gloo tears down while holding the GIL and can deadlock (pytorch/pytorch#56297).
-    accelerator.free_memory(model, optimizer)
-    del model, optimizer
-    return policy
+        if self.nonfinite_in_a_row >= args.max_nonfinite_steps:
+            self.stop(f"stopped: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient", 1,
+                      save_step=step)  # their updates were skipped: these are the last good weights
+        if args.save_every and (step % args.save_every == 0 or step == self.steps):
+            self.save(step)
+        PHASES.clear()  # evaluation and saving are charged to no phase
+        self.encodings["videos"] = 0
+
+    def save(self, step: int) -> str:
+        if step > self.last_saved or not checkpoints(self.args.output_dir):
+            save_checkpoint(self.accelerator, self.policy, self.optimizer, self.tokenizer, self.args, step)
+            self.last_saved = step
+        return os.path.join(self.args.output_dir, f"checkpoint-{step:06d}")
+
+    def stop(self, reason: str, code: int, save_step: int, failed_step: int | None = None):
+        """Any stop the run handles itself: save `save_step`, log the step that failed, exit with `code`."""
+        saved = f"saved {self.save(save_step)}" if save_step > 0 else "no step had finished, nothing to save"
+        if failed_step and self.accelerator.is_main_process:
+            with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": failed_step, "stopped": reason}) + "\n")
+        raise RunStopped(f"{reason} before step {failed_step or save_step + 1}; {saved}. "
+                         "To continue, run the same command with --resume", code)
 
 
 def checked_samples(args) -> list[dict]:
-    """The cheap part of --check-data, before any model is loaded: every row, and every video file exists."""
+    """The cheap part of --check-data, before any model is loaded: every row, and every video file exists.
+
+    Rows whose video is missing are dropped and counted; too many missing stops here.
+    """
     errors = []
     samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
     if errors:
         raise DataError(f"{len(errors)} bad row(s):\n  " + "\n  ".join(errors[:20]) + "\n(--check-data lists all)")
-    missing = check_videos(samples, num_frames=None)
+    missing = check_videos(samples, args, decode=False)
+    videos = len({s["video"] for s in samples})
+    if len(missing) > args.max_bad_video_fraction * videos:
+        raise DataError(f"{len(missing)} of {videos} videos missing, over --max-bad-video-fraction "
+                        f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(missing[:10]))
     if missing:
-        print(f"warning: {len(missing)} video(s) missing, their rows will be skipped:\n  " +
+        gone = {problem.split("video not found: ")[-1] for problem in missing}
+        samples = [s for s in samples if s["video"] not in gone]
+        print(f"warning: {len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
               "\n  ".join(missing[:10]), file=sys.stderr)
-    if len(missing) > args.max_bad_video_fraction * len({s["video"] for s in samples}):
-        raise DataError(f"{len(missing)} videos missing, over --max-bad-video-fraction {args.max_bad_video_fraction}")
     return samples
 
 
@@ -781,7 +1053,7 @@ def run_check_data(args) -> int:
     """--check-data: every row and every video, in parallel; 1 if anything is wrong."""
     errors = []
     samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
-    bad_videos = check_videos(samples, args.num_frames)
+    bad_videos = check_videos(samples, args, decode=True)
     types = Counter(s["question_type"] or "(untyped)" for s in samples)
     print(f"{len(samples)} good rows, {len({s['video'] for s in samples})} videos")
     for question_type, count in sorted(types.items()):
@@ -889,6 +1161,8 @@ def run_evaluation(args) -> dict:
     accelerator = make_accelerator()
     rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)
     check_model(args.model)
+    if accelerator.is_main_process:
+        free_output_dir(args.output_dir, args.overwrite, ("predictions.jsonl", "metrics.json"))
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
     policy, tokenizer = load_model(args, accelerator.device)
     predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
@@ -1072,6 +1346,13 @@ def main(argv=None):
         result = run(argv) if run else run_evaluation(args) if args.eval_only else train(args)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except RunStopped as e:
+        if os.environ.get("RANK", "0") == "0":  # every process stops alike; one says why
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.code)
+    except KeyboardInterrupt as e:
+        sys.exit(f"{e or 'interrupted'}: the newest complete checkpoint in {args.output_dir} is intact; "
+                 "continue with --resume")
     make_accelerator().end_training()  # once, after every pass that needed the process group
     return result
 
