@@ -155,7 +155,7 @@ def check_videos(samples: list[dict], args, decode: bool, workers: int = 8) -> l
             if not os.path.isfile(path):
                 raise DataError(f"video not found: {path}")
             if decode:
-                load_video(path, args.num_frames, args.min_pixels, args.max_pixels)
+                load_video(path, args.num_frames, args.max_pixels)
         except DataError as e:
             return f"{first_row[path]}: {e}"
         return None
@@ -189,7 +189,7 @@ def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Gen
         if sample["video"] in health.bad:
             continue  # drawn by the data order; a row known to be good takes its place
         try:
-            videos.append(load_video(sample["video"], args.num_frames, args.min_pixels, args.max_pixels))
+            videos.append(load_video(sample["video"], args.num_frames, args.max_pixels))
             loaded.append(sample)
             health.good.add(sample["video"])
         except DataError as e:
@@ -248,7 +248,11 @@ def read_frames(path: str, num_frames: int) -> np.ndarray:
     return np.stack([decoded[t] for t in wanted])
 
 
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+MIN_PIXELS = 56 * 56  # Qwen2-VL's smart_resize default floor per frame
+
+
+def smart_resize(height: int, width: int, max_pixels: int, min_pixels: int = MIN_PIXELS,
+                 factor: int = 28) -> tuple[int, int]:
     """Qwen2-VL's rule: sides multiples of `factor`, area in [min_pixels, max_pixels], aspect kept."""
     if max(height, width) / min(height, width) > 200:
         raise DataError(f"aspect ratio {height}x{width} is beyond Qwen2-VL's limit of 200")
@@ -267,10 +271,10 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2  # Qwen2-VL's vision tower
 
 
-def video_patches(frames: np.ndarray, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def video_patches(frames: np.ndarray, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames [T, H, W, 3] uint8 to (pixel_values_videos [t*h*w, 3*2*14*14], video_grid_thw [3])."""
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    height, width = smart_resize(video.shape[2], video.shape[3], min_pixels, max_pixels)
+    height, width = smart_resize(video.shape[2], video.shape[3], max_pixels)
     # Bicubic with antialiasing, as the reference processor (torchvision) resizes.
     video = F.interpolate(video, size=(height, width), mode="bicubic", antialias=True).clamp(0, 255)
     return patchify((video / 255 - CLIP_MEAN) / CLIP_STD)
@@ -290,8 +294,8 @@ def patchify(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return patches.reshape(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH), torch.tensor([t, h, w])
 
 
-def load_video(path: str, num_frames: int, min_pixels: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return video_patches(read_frames(path, num_frames), min_pixels, max_pixels)
+def load_video(path: str, num_frames: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return video_patches(read_frames(path, num_frames), max_pixels)
 
 
 # ----------------------------------------------------------------------------- prompt

@@ -350,11 +350,11 @@ def test_missing_and_undecodable_videos_raise_an_error_naming_the_path(tmp_path)
 
 def test_smart_resize_by_hand():
     # 480x640 over budget 100352: scale = sqrt(480*640/100352) = 1.7496; floor(274.3/28)=9, floor(365.8/28)=13
-    assert data.smart_resize(480, 640, 56 * 56, 128 * 28 * 28) == (9 * 28, 13 * 28)
+    assert data.smart_resize(480, 640, 128 * 28 * 28) == (9 * 28, 13 * 28)
     # 20x30 under 3136: scale = sqrt(3136/600) = 2.2862; ceil(45.7/28)=2, ceil(68.6/28)=3
-    assert data.smart_resize(20, 30, 56 * 56, 128 * 28 * 28) == (56, 84)
+    assert data.smart_resize(20, 30, 128 * 28 * 28) == (56, 84)
     # in budget: rounded to multiples of 28
-    assert data.smart_resize(100, 200, 56 * 56, 128 * 28 * 28) == (112, 196)
+    assert data.smart_resize(100, 200, 128 * 28 * 28) == (112, 196)
 
 
 def test_patch_layout_groups_each_merged_2x2_block_contiguously():
@@ -377,7 +377,7 @@ def test_patch_layout_groups_each_merged_2x2_block_contiguously():
 def test_video_token_count_is_t_h_w_over_4(synthetic):
     tokenizer = vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"])
     frames = data.read_frames(os.path.join(synthetic["videos"], "synthetic", "train_00000.mp4"), 5)
-    pixels, thw = data.video_patches(frames, 56 * 56, 112 * 112)
+    pixels, thw = data.video_patches(frames, 112 * 112)
     assert thw.tolist() == [3, 8, 8] and pixels.shape == (3 * 8 * 8, 1176)
     video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     ids = data.prompt_ids(tokenizer, "How many chairs?", thw, video_id)
@@ -414,7 +414,7 @@ def load_tiny(synthetic, lora_rank=4):
 def batch_of(synthetic, rows, args, tokenizer, model):
     samples = data.load_samples([synthetic["data"]], synthetic["videos"], args.prompt_mode)
     picked = [samples[i] for i in rows]
-    videos = [data.load_video(s["video"], args.num_frames, args.min_pixels, args.max_pixels) for s in picked]
+    videos = [data.load_video(s["video"], args.num_frames, args.max_pixels) for s in picked]
     return vsgrpo.collate(picked, [data.question_text(s) for s in picked], videos, tokenizer,
                           model.config.video_token_id, "cpu")
 
@@ -469,7 +469,8 @@ def test_sampling_and_training_log_probs_agree_on_a_left_padded_batch(synthetic)
     args.temperature, args.num_generations = 0.7, 3
     batch = batch_of(synthetic, [0, 1], args, tokenizer, model)        # two videos, two questions
     assert batch.attention_mask[:, 0].tolist().count(0) == 1          # one prompt is left-padded
-    config = vsgrpo.generation_config(model, tokenizer, args)
+    config = vsgrpo.generation_config(model, tokenizer, args.max_completion_length, args.num_generations,
+                                      args.temperature)
     config.update(output_scores=True, return_dict_in_generate=True)
     torch.manual_seed(0)
     out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -510,7 +511,8 @@ def test_reused_video_features_give_the_same_samples_log_probs_loss_and_gradient
     encoded = vsgrpo.count_video_encodings([model])
     reused = dataclasses.replace(plain, video_features=vsgrpo.encode_videos(model, plain))
     assert encoded["videos"] == 2
-    config = vsgrpo.generation_config(model, tokenizer, args)
+    config = vsgrpo.generation_config(model, tokenizer, args.max_completion_length, args.num_generations,
+                                      args.temperature)
     samples = []
     for batch in (plain, reused):
         torch.manual_seed(0)
@@ -608,12 +610,12 @@ def test_ids_stay_as_the_row_gave_them(tmp_path):
     (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
     (["--temperature", "nan"], "--temperature must be positive, got nan"),
     (["--max-pixels", "0"], "--max-pixels must be at least 784 (one 28x28 patch), got 0"),
-    (["--min-pixels", "200000"], "--min-pixels 200000 is above --max-pixels 100352"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1, got 0"),
     (["--save-every", "-1"], "--save-every must be at least 0, got -1"),
     (["--max-steps", "-3"], "--max-steps must be at least 0, got -3"),
     (["--lora-rank", "-4"], "--lora-rank must be at least 0, got -4"),
-    (["--top-p", "1.5"], "--top-p must be at most 1, got 1.5"),
+    (["--clip-eps", "1.5"], "--clip-eps must be at most 1, got 1.5"),
+    (["--report-to", "tensorboard"], "--report-to tensorboard: not installed"),
     (["--max-bad-video-fraction", "2"], "--max-bad-video-fraction must be at most 1, got 2.0"),
     (["--seed", "-1"], "--seed must be at least 0, got -1"),
 ])
@@ -768,7 +770,7 @@ model, tokenizer = vsgrpo.load_model(args, accelerator.device)
 optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
 wrapped, optimizer = accelerator.prepare(model, optimizer)
 sample = data.load_samples([data_path], videos, "vanilla")[rank]
-batch = vsgrpo.collate([sample], [data.question_text(sample)], [data.load_video(sample["video"], 4, 3136, 3136)],
+batch = vsgrpo.collate([sample], [data.question_text(sample)], [data.load_video(sample["video"], 4, 3136)],
                        tokenizer, model.config.video_token_id, "cpu")
 ids = torch.tensor({ids!r}[rank])
 mask, truncated = vsgrpo.completion_mask(ids, [tokenizer.eos_token_id])
@@ -1063,11 +1065,11 @@ def test_reward_curve_draws_one_column_per_bucket_of_steps():
 
 def test_shortened_demo_trains_a_tiny_model_offline_and_raises_held_out_accuracy(tmp_path, capsys):
     result = vsgrpo.main(["--demo", "--output-dir", str(tmp_path), "--max-steps", "80", "--log-completions-every", "40"])
-    for name in ("train.jsonl", "heldout.jsonl", "metrics.jsonl", "demo.json", "tiny-qwen2-vl/config.json",
-                 "tiny-qwen2-vl/tokenizer.json", "checkpoint-000080/model.safetensors"):
+    for name in ("train.jsonl", "heldout.jsonl", "run/metrics.jsonl", "demo.json", "model/config.json",
+                 "model/tokenizer.json", "run/checkpoint-000080/model.safetensors"):
         assert os.path.exists(tmp_path / name), name
     assert len(os.listdir(tmp_path / "videos" / "synthetic")) == 600
-    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 80
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 80
     assert result["mean_after"] > result["mean_before"] + 0.1, result
     out = capsys.readouterr().out
     assert "held-out accuracy (200 questions)" in out and "steps 1 to 80" in out and "A=" in out

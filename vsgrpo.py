@@ -1,14 +1,11 @@
-"""vsGRPO: R1-Zero-style GRPO training of Qwen2-VL on video questions about space.
+"""vsGRPO: R1-Zero-style GRPO training of Qwen2-VL on video questions about space (arXiv 2504.00883).
 
-A single-file reference of arXiv 2504.00883 ("Improved Visual-Spatial Reasoning via
-R1-Zero-Like Training"). It reads top to bottom like the paper's section 3.2:
+Part I is the method, in the order of the paper's section 3.2: flags, LoRA, the model and its video
+features, log-probs, the rollout (G completions per question, rewards, group-normalised advantages),
+Eq. 1, the optimisation step and train(). The tools follow under a banner of their own: bookkeeping,
+checkpoints, VSI-Bench evaluation, the demo, the benchmark and main(). Rewards are in rewards.py.
 
-  1. arguments                    5. sample G completions per question (the rollout)
-  2. LoRA, written out            6. score them, normalise rewards within each group
-  3. model, tokenizer, data       7. the clipped objective with the KL term (Eq. 1)
-  4. log-probs of completions     8. the training loop
-
-  accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data vsi100k/*.json --video-root scannet
+  accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data "vsi100k/*.json" --video-root scannet
 """
 import argparse
 import hashlib
@@ -32,147 +29,54 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
+from transformers import (AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import logging as transformers_logging
 
-from data import (NUMERIC_TYPES, PROMPTS, DataError, VideoHealth, batch_indices, benchmark_prompt, check_videos, expand_paths,
-                  load_batch, load_samples, load_video, prompt_ids, question_text, read_rows, write_synthetic_dataset)
+from data import (NUMERIC_TYPES, PROMPTS, DataError, VideoHealth, batch_indices, benchmark_prompt, check_videos,
+                  expand_paths, load_batch, load_samples, load_video, prompt_ids, question_text, read_rows,
+                  write_synthetic_dataset)
 from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score, benchmark_score,
                      clean_prediction, extract_answer, no_video_baseline, score_completions, task_scores)
 
 
-# ============================================================================ 1. arguments
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+# ============================================================================ 1. the method's flags
+def method_flags(parser: argparse.ArgumentParser) -> None:
+    """The method's settings, each with its source: "paper" is 2504.00883; "open recipes" are the open
+    video-GRPO recipes for Qwen2-VL, for what the paper leaves out; "our choice" where neither says."""
+    a = parser.add_argument_group("the method").add_argument
     a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub name or local path (paper: Qwen2-VL-2B/7B-Instruct)")
     a("--data", nargs="+", help="training rows: JSON or JSONL files or globs (paper: VSI-100k)")
     a("--video-root", default=".", help="directory the rows' video paths are relative to")
-    a("--output-dir", default="runs/vsgrpo", help="metrics.jsonl and checkpoints go here")
     a("--prompt-mode", choices=list(PROMPTS), default="vanilla", help="paper's best model, vsGRPO-V: vanilla")
-    a("--num-frames", type=int, default=16, help="frames per video (open video-GRPO recipes: 16)")
-    a("--min-pixels", type=int, default=56 * 56, help="per-frame pixel floor (Qwen2-VL's smart_resize default)")
+    a("--num-frames", type=int, default=16, help="frames per video (open recipes: 16)")
     a("--max-pixels", type=int, default=128 * 28 * 28, help="per-frame pixel budget (open recipes: 128*28*28)")
     a("--rewards", nargs="+", choices=sorted(REWARDS), help="default: accuracy, plus format outside vanilla mode")
     a("--reward-weights", nargs="+", type=float, help="one per reward (default: all 1)")
     a("--num-generations", "-G", type=int, default=14, help="completions per question G (paper: 14)")
     a("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
-    a("--top-k", type=int, default=0, help="0 = off, so samples follow the policy exactly")
-    a("--top-p", type=float, default=1.0, help="1 = off, as --top-k")
     a("--max-completion-length", type=int, default=512, help="new tokens per completion (open recipes: 512-1024)")
     a("--beta", type=float, default=1e-4, help="KL coefficient (paper: 1e-4; 0 skips the reference pass)")
-    a("--clip-eps", type=float, default=0.2, help="ratio clip epsilon (PPO/GRPO's usual 0.2; paper silent)")
+    a("--clip-eps", type=float, default=0.2, help="ratio clip epsilon (PPO and GRPO's usual 0.2; paper silent)")
     a("--num-iterations", type=int, default=1, help="optimisation passes mu over each rollout batch (GRPO)")
     a("--loss-aggregation", choices=["sequence", "token"], default="sequence",
-      help="sequence: Eq. 1's 1/G sum_i 1/|o_i| sum_t; token: one weight per token over the batch")
-    a("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 for 2B, 5e-6 for 7B")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (our choice)")
+      help="sequence: Eq. 1's 1/G sum_i 1/|o_i| sum_t; token: every token of a step weighs the same")
+    a("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 for 2B, 5e-6 for 7B (constant: no schedule)")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (our choice)")
     a("--batch-size", type=int, default=1, help="questions per process per step (our choice)")
-    a("--micro-batch-size", type=int, default=2, help="completions per forward/backward; gradients accumulate (our choice)")
+    a("--micro-batch-size", type=int, default=2, help="completions per forward and backward (our choice)")
     a("--max-steps", type=int, default=0, help="optimisation steps (0 = one pass over the data)")
     a("--lora-rank", type=int, default=64, help="0 = full fine-tuning of the language model (paper: LoRA, rank unstated)")
     a("--lora-alpha", type=float, default=128, help="LoRA scale is alpha / rank (our choice)")
     a("--gradient-checkpointing", action="store_true", help="trade compute for memory (open recipes use it)")
     a("--no-reuse-vision", dest="reuse_vision", action="store_false",
       help="encode a video in every pass instead of once per step (slower; for comparison)")
-    a("--attn-implementation", default="sdpa", help="sdpa, eager or flash_attention_2 (transformers' default: sdpa)")
-    a("--seed", type=int, default=0, help="seeds LoRA init, data order and sampling")
-    a("--max-bad-video-fraction", type=float, default=0.5,
-      help="stop when more of the distinct videos tried so far fail (after 10 tried; our choice)")
-    a("--log-completions-every", type=int, default=10, help="print one question's G completions every N steps")
-    a("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end (0 = never)")
-    a("--keep", type=int, default=3, help="checkpoints kept, the newest (our choice)")
-    a("--resume", nargs="?", const="latest", help="continue from the latest checkpoint in --output-dir, or from PATH")
-    a("--overwrite", action="store_true", help="delete the earlier run in --output-dir (its metrics and checkpoints)")
-    a("--max-nonfinite-steps", type=int, default=3, help="stop after this many non-finite steps in a row (our choice)")
-    a("--check-data", action="store_true", help="check every row and video of --data (in parallel) and exit")
-    a("--trust-remote-code", action="store_true", help="let the checkpoint run its own code (off: safe loading)")
-    a("--eval-only", action="store_true", help="score --model on --eval-data (VSI-Bench) and exit")
-    a("--eval-data", nargs="+", help="VSI-Bench rows: JSON or JSONL with the benchmark's field names")
-    a("--eval-video-root", default=".", help="a row's video is {root}/{dataset}/{scene_name}.mp4")
-    a("--eval-prompt", choices=list(PROMPTS), default="vanilla", help="vanilla: the benchmark's own protocol")
-    a("--eval-num-frames", type=int, default=32, help="VSI-Bench gave open models 32 frames")
-    a("--eval-max-new-tokens", type=int, default=0, help="0: 16 (VSI-Bench) for vanilla, else --max-completion-length")
-    a("--eval-batch-size", type=int, default=8, help="questions per generate call (our choice)")
-    a("--eval-every", type=int, default=0, help="during training, score --eval-limit held-out questions every N steps")
-    a("--eval-limit", type=int, default=0, help="questions scored by --eval-every (0 = all)")
-    a("--demo", action="store_true", help="offline, on a CPU: synthetic videos, a tiny model, GRPO, before/after")
-    a("--benchmark", choices=list(SIZES), help="time --max-steps steps (default 4) of a random model of this size, "
-      "with and without --no-reuse-vision, on synthetic videos")
-    return p
-
-
-# The range of every numeric flag: (lowest, highest); a float lowest of 0.0 means "positive".
-RANGES = {
-    "num_generations": (2, None), "num_frames": (1, None), "eval_num_frames": (1, None), "max_pixels": (28 * 28, None),
-    "min_pixels": (1, None), "max_completion_length": (1, None), "eval_max_new_tokens": (0, None),
-    "temperature": (0.0, None), "top_k": (0, None), "top_p": (0.0, 1), "beta": (0, None), "clip_eps": (0.0, 1),
-    "num_iterations": (1, None), "learning_rate": (0.0, None), "weight_decay": (0, None), "max_grad_norm": (0.0, None),
-    "batch_size": (1, None), "micro_batch_size": (1, None), "max_steps": (0, None), "lora_rank": (0, None),
-    "lora_alpha": (0.0, None), "seed": (0, None), "max_bad_video_fraction": (0, 1), "log_completions_every": (0, None),
-    "save_every": (0, None), "keep": (1, None), "max_nonfinite_steps": (1, None), "eval_batch_size": (1, None),
-    "eval_every": (0, None), "eval_limit": (0, None),
-}
-
-
-def range_problem(name: str, value, low, high) -> str | None:
-    flag = "--" + name.replace("_", "-")
-    if low == 0.0 and isinstance(low, float) and not value > 0:  # "not >" also catches nan
-        return f"{flag} must be positive, got {value}"
-    if not value >= low:
-        return f"{flag} must be at least {low}{' (one 28x28 patch)' if name == 'max_pixels' else ''}, got {value}"
-    if high is not None and not value <= high:
-        return f"{flag} must be at most {high}, got {value}"
-    return None
-
-
-def output_dir_problem(path: str) -> str | None:
-    """Why --output-dir cannot be created or written, or None: the nearest existing ancestor decides."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"--output-dir {path}: {existing} is a file, not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"--output-dir {path}: {existing} is not writable"
-    return None
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and check the flags; every mistake stops here, before a model is loaded."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.rewards = args.rewards or DEFAULT_REWARDS[args.prompt_mode]
-    args.reward_weights = args.reward_weights or [1.0] * len(args.rewards)
-    problems = [range_problem(name, getattr(args, name), low, high) for name, (low, high) in RANGES.items()] + [
-        args.min_pixels > args.max_pixels and f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}",
-        len(args.reward_weights) != len(args.rewards) and
-        f"--reward-weights has {len(args.reward_weights)} values for {len(args.rewards)} rewards",
-        not all(map(math.isfinite, args.reward_weights)) and "--reward-weights must be finite numbers",
-        "format" in args.rewards and args.prompt_mode == "vanilla" and
-        "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags",
-        not args.data and not (args.eval_only or args.demo or args.benchmark) and
-        "--data is required (no data yet? try --demo)",
-        args.benchmark and args.max_steps == 1 and "--benchmark needs --max-steps of 2 or more: step 1 is warm-up",
-        (args.eval_only or args.eval_every) and not args.eval_data and "--eval-only and --eval-every need --eval-data",
-        output_dir_problem(args.output_dir),
-    ]
-    for problem in problems:
-        if problem:
-            parser.error(problem)
-    try:
-        for paths in (args.data, args.eval_data):
-            expand_paths(paths or [])
-    except DataError as e:
-        parser.error(str(e))
-    return args
+    a("--seed", type=int, default=0, help="seeds LoRA initialisation, data order and sampling")
 
 
 # ============================================================================ 2. LoRA
@@ -183,8 +87,9 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same frozen tensors, not copies
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=base.weight.dtype, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scale, self.enabled = alpha / rank, True
 
@@ -203,10 +108,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def add_lora(language_model: nn.Module, rank: int, alpha: float) -> None:
     """Replace the attention and MLP projections of every decoder layer with LoRA layers."""
-    for name, module in list(language_model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in LORA_TARGETS and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, rank, alpha))
+    for module in list(language_model.modules()):
+        for name, child in list(module.named_children()):
+            if name in LORA_TARGETS and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, rank, alpha))
 
 
 @contextmanager
@@ -222,38 +127,13 @@ def lora_disabled(model: nn.Module):
             layer.enabled = True
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of a plain Qwen2-VL: each W replaced by W + (alpha / r) B A, adapters dropped."""
-    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            state[f"{name}.weight"] = module.merged_weight().detach()
-    return state
-
-
-# ============================================================================ 3. model, tokenizer, data
-def check_model(name: str) -> None:
-    """Stop in one line when --model is neither a local checkpoint nor on the hub, before any other work.
-
-    Only config.json is fetched here (the weights come with from_pretrained); the cause stays chained.
-    """
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # not one warning per retry
-    try:
-        Qwen2VLConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        where = "is a directory without a Qwen2-VL config.json" if os.path.isdir(name) else \
-            "is not a local directory, and the model hub could not give it"
-        cause = str(e).splitlines()[0]
-        raise DataError(f"--model {name} {where} ({type(e).__name__}: {cause}). "
-                        "Pass the directory of a downloaded checkpoint.") from e
-
-
+# ============================================================================ 3. model, batch and video features
 def load_model(args, device: torch.device):
     """Policy pi_theta (with LoRA adapters unless --lora-rank 0) and its tokenizer."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # sdpa, transformers' default: flash_attention_2 takes no 4-D mask, and eager adds a boolean one.
     model = Qwen2VLForConditionalGeneration.from_pretrained(
-        args.model, dtype=dtype, attn_implementation=args.attn_implementation,
-        trust_remote_code=args.trust_remote_code).to(device)
+        args.model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code).to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model.requires_grad_(False)
     # The vision tower stays frozen in both modes, as with the paper's LoRA on the language model.
@@ -265,6 +145,10 @@ def load_model(args, device: torch.device):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def inner(model):
+    return getattr(model, "module", model)  # the policy may be wrapped in DDP
 
 
 @dataclass
@@ -280,12 +164,16 @@ class Batch:
 
 def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, video_token_id: int, device) -> Batch:
     prompts = [prompt_ids(tokenizer, text, thw, video_token_id) for text, (_, thw) in zip(texts, videos)]
-    length = max(map(len, prompts))
-    pad = tokenizer.pad_token_id
+    length, pad = max(map(len, prompts)), tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
     return Batch(samples, input_ids, attention_mask, [pv.to(device) for pv, _ in videos],
                  torch.stack([thw for _, thw in videos]).to(device))
+
+
+def video_token_types(input_ids: torch.Tensor, model) -> torch.Tensor:
+    """mm_token_type_ids: 2 on video tokens, 0 elsewhere (Qwen2-VL's 3-D rotary positions need it)."""
+    return (2 * (input_ids == inner(model).config.video_token_id)).int()
 
 
 # Every pass of a step (generation, pi_old, pi_ref, pi_theta) sees each question's video G
@@ -297,13 +185,12 @@ def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
 
     Questions about the same video (VSI-100k asks many per scene) share its features.
     """
-    model = getattr(model, "module", model)
-    if any(p.requires_grad for p in model.model.visual.parameters()):  # a fork that trains the tower
+    if any(p.requires_grad for p in inner(model).model.visual.parameters()):  # a fork that trains the tower
         raise RuntimeError("a trainable vision tower changes its features within a step: use --no-reuse-vision")
     videos = [s["video"] for s in batch.samples]
     first = [videos.index(video) for video in dict.fromkeys(videos)]  # each distinct video at its first question
-    encoded = model.model.get_video_features(torch.cat([batch.pixel_values[i] for i in first]),
-                                             batch.video_grid_thw[first]).pooler_output
+    encoded = inner(model).model.get_video_features(torch.cat([batch.pixel_values[i] for i in first]),
+                                                    batch.video_grid_thw[first]).pooler_output
     features = dict(zip((videos[i] for i in first), encoded))
     return [features[video] for video in videos]
 
@@ -318,42 +205,46 @@ def video_inputs(batch: Batch, questions: list[int]) -> dict:
     return dict(mm_encoder_outputs={"video": features}, video_grid_thw=grid)
 
 
+def banned_token_ids(model) -> list[int]:
+    # A sampled video or image placeholder would break the next forward pass (features and
+    # placeholders no longer match), so the policy may not emit them; completion_logps masks
+    # the same tokens, so sampling and training see one distribution.
+    return [inner(model).config.video_token_id, inner(model).config.image_token_id]
+
+
 # ============================================================================ 4. log-probs
-def sequence_inputs(batch: Batch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                    rows: torch.Tensor, group_size: int, video_token_id: int) -> dict:
-    """Model inputs for sequences `rows` of the rollout; sequence i answers question i // G.
-
-    Each sequence gets its own question's video, in the same order as the sequences.
-    """
-    questions = rows // group_size
-    prompt = batch.input_ids[questions]                                    # [n, P]
-    input_ids = torch.cat([prompt, completion_ids[rows]], 1)               # [n, P + C]
-    # mm_token_type_ids: 2 marks video tokens (Qwen2-VL needs it for its 3-D rotary positions)
-    mm_token_type_ids = torch.cat([2 * (prompt == video_token_id), torch.zeros_like(completion_ids[rows])], 1)
-    return dict(input_ids=input_ids,
-                attention_mask=torch.cat([batch.attention_mask[questions], completion_mask[rows]], 1),
-                mm_token_type_ids=mm_token_type_ids.int(), **video_inputs(batch, questions.tolist()))
-
-
 def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
                      args) -> torch.Tensor:
     """log pi(o_t | q, o_<t) of each token of completions `rows`, WITH the video: [n, C].
 
-    Logits are divided by the sampling temperature and the banned tokens masked, so this is
-    the distribution the completions were sampled from.
+    Sequence i answers question i // G and gets that question's video. Logits are divided by the
+    sampling temperature and the banned tokens masked: the distribution the completions came from.
     """
-    config = getattr(model, "module", model).config  # the policy may be wrapped in DDP
-    inputs = sequence_inputs(batch, completion_ids, mask, rows, args.num_generations, config.video_token_id)
-    completion_ids = completion_ids[rows]                                     # [n, C]
-    logits = model(**inputs, use_cache=False, logits_to_keep=completion_ids.shape[1] + 1).logits[:, :-1]
-    logits = logits.float() / args.temperature                                # [n, C, V]
-    banned = torch.tensor(banned_token_ids(model), device=logits.device)
-    logits = logits.index_fill(-1, banned, float("-inf"))
-    token_logits = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [n, C]
+    questions = rows // args.num_generations
+    input_ids = torch.cat([batch.input_ids[questions], completion_ids[rows]], 1)              # [n, P + C]
+    attention_mask = torch.cat([batch.attention_mask[questions], mask[rows]], 1)              # [n, P + C]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=video_token_types(
+        input_ids, model), **video_inputs(batch, questions.tolist()), use_cache=False,
+        logits_to_keep=completion_ids.shape[1] + 1).logits[:, :-1]                            # [n, C, V]
+    logits = (logits.float() / args.temperature).index_fill(
+        -1, torch.tensor(banned_token_ids(model), device=logits.device), float("-inf"))
+    token_logits = logits.gather(-1, completion_ids[rows].unsqueeze(-1)).squeeze(-1)          # [n, C]
     return token_logits - logits.logsumexp(-1)
 
 
-# ============================================================================ 5. rollout
+def micro_batches(num_sequences: int, args) -> list[torch.Tensor]:
+    """The rows of each forward: --micro-batch-size completions at a time."""
+    return list(torch.arange(num_sequences).split(args.micro_batch_size))
+
+
+@torch.no_grad()
+def logps_of_all(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, args) -> torch.Tensor:
+    """completion_logps of every completion, a micro-batch at a time: [B*G, C]."""
+    return torch.cat([completion_logps(model, batch, completion_ids, mask, rows.to(completion_ids.device), args)
+                      for rows in micro_batches(len(completion_ids), args)])
+
+
+# ============================================================================ 5. the rollout
 @dataclass
 class Rollout:
     """G completions of each of B questions: sequence i answers question i // G."""
@@ -368,38 +259,28 @@ class Rollout:
     ref_logps: torch.Tensor | None  # [B*G, C], pi_ref; None when beta = 0
 
 
-def banned_token_ids(model) -> list[int]:
-    # A sampled video or image placeholder would break the next forward pass (features and
-    # placeholders no longer match), so the policy may not emit them; completion_logps masks
-    # the same tokens, so sampling and training see one distribution.
-    config = getattr(model, "module", model).config
-    return [config.video_token_id, config.image_token_id]
-
-
 def eos_token_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
-    return sorted(i for i in ids if i is not None)
+    return sorted(i for i in set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id} if i is not None)
 
 
-def generation_config(model, tokenizer, args) -> GenerationConfig:
-    """Sampling from the policy itself: temperature only, unless --top-k / --top-p ask for more."""
-    # Every field that shapes the distribution is set here: generate() fills unset ones from the
+def generation_config(model, tokenizer, max_new_tokens: int, num_return_sequences: int = 1,
+                      temperature: float | None = None) -> GenerationConfig:
+    """Sampling from the policy itself at `temperature` (no top-k, no top-p), or greedy when it is None."""
+    # Every field that shapes the distribution is set: generate() fills unset ones from the
     # checkpoint's generation_config.json (Qwen2-VL ships top_k=1, top_p=0.001, temperature=0.01).
-    return GenerationConfig(
-        do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=1.0,
-        max_new_tokens=args.max_completion_length, num_return_sequences=args.num_generations,
-        eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=banned_token_ids(model))
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+    return GenerationConfig(**sampling, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                            num_return_sequences=num_return_sequences, eos_token_id=eos_token_ids(model, tokenizer),
+                            pad_token_id=tokenizer.pad_token_id, suppress_tokens=banned_token_ids(model))
 
 
 @torch.no_grad()
 def generate(model, batch: Batch, config: GenerationConfig) -> torch.Tensor:
     """Completions, question-major (q0 x G, q1 x G, ...): [B*G, C]."""
-    sequences = model.generate(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        mm_token_type_ids=(2 * (batch.input_ids == model.config.video_token_id)).int(),
-        **video_inputs(batch, list(range(len(batch.samples)))), generation_config=config)
+    sequences = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               mm_token_type_ids=video_token_types(batch.input_ids, model),
+                               **video_inputs(batch, list(range(len(batch.samples)))), generation_config=config)
     return sequences[:, batch.input_ids.shape[1]:]
 
 
@@ -411,7 +292,7 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
     """
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [n, C]
     length, ended = completion_ids.shape[1], is_eos.any(1)
-    first_eos = torch.where(ended, is_eos.int().argmax(1), length)  # [n]
+    first_eos = torch.where(ended, is_eos.int().argmax(1), length)                           # [n]
     return (torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]).long(), ~ended
 
 
@@ -421,7 +302,6 @@ def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[
                                   skip_special_tokens=True)
 
 
-# ============================================================================ 6. advantages
 def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """[B*G] -> [B]: True for a group whose rewards are all equal (it carries no signal)."""
     groups = rewards.view(-1, group_size)                                    # [B, G]
@@ -439,7 +319,37 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.where(equal_reward_groups(rewards, group_size)[:, None], 0.0, advantages).view(-1)
 
 
-# ============================================================================ 7. the objective (Eq. 1)
+def reference_model(model, args):
+    """pi_ref for full fine-tuning: a frozen copy, made only when the KL term needs it (LoRA switches adapters off)."""
+    return deepcopy(model).eval().requires_grad_(False) if args.lora_rank == 0 and args.beta > 0 else None
+
+
+def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
+    """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
+    policy.eval()
+    with timed("vision"):
+        batch.video_features = encode_videos(policy, batch) if args.reuse_vision else None
+    with timed("generation"):
+        config = generation_config(policy, tokenizer, args.max_completion_length, args.num_generations,
+                                   args.temperature)
+        completion_ids = generate(policy, batch, config)                      # [B*G, C]
+        mask, truncated = completion_mask(completion_ids, config.eos_token_id)
+    with timed("scoring"):
+        completions = decode(tokenizer, completion_ids, mask)
+        samples = [s for s in batch.samples for _ in range(args.num_generations)]
+        rewards = {name: torch.tensor(values, device=completion_ids.device) for name, values in
+                   score_completions(completions, samples, args.rewards, args.reward_weights).items()}
+        advantages = group_advantages(rewards["total"], args.num_generations)
+    with timed("logprob_passes"):
+        old_logps = logps_of_all(policy, batch, completion_ids, mask, args) if args.num_iterations > 1 else None
+        ref_logps = None
+        if args.beta > 0:  # pi_ref: the frozen copy under full fine-tuning, else the policy without adapters
+            with lora_disabled(policy) if ref_model is None else nullcontext():
+                ref_logps = logps_of_all(ref_model or policy, batch, completion_ids, mask, args)
+    return Rollout(batch, completion_ids, mask, truncated, completions, rewards, advantages, old_logps, ref_logps)
+
+
+# ============================================================================ 6. the objective (Eq. 1)
 # GRPO (DeepSeekMath, arXiv 2402.03300), as vsGRPO trains it. For question q with completions o_1..o_G:
 #
 #   J(theta) = 1/G sum_i 1/|o_i| sum_t [ min( rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i ) - beta KL_it ]
@@ -468,7 +378,7 @@ def grpo_token_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: flo
     return torch.where(real, -(surrogate - beta * kl), 0.0), kl, (clipped < unclipped) & real
 
 
-def aggregate_loss(token_loss, mask, aggregation: str, num_sequences: int, num_tokens: int) -> torch.Tensor:
+def aggregate_loss(token_loss, mask, aggregation: str, num_sequences: int, num_tokens: float) -> torch.Tensor:
     """Sum of this micro-batch's share of the step's loss (the shares of all micro-batches add up to it).
 
     sequence (Eq. 1): mean over each completion's tokens, then over all completions; short
@@ -479,57 +389,7 @@ def aggregate_loss(token_loss, mask, aggregation: str, num_sequences: int, num_t
     return token_loss.sum() / num_tokens
 
 
-# ============================================================================ 8. the training loop
-def reference_model(model, args):
-    """pi_ref for full fine-tuning: a frozen copy, made only when the KL term needs it."""
-    return deepcopy(model).eval().requires_grad_(False) if args.lora_rank == 0 and args.beta > 0 else None
-
-
-@torch.no_grad()
-def logps_in_chunks(model, batch, completion_ids, mask, args) -> torch.Tensor:
-    rows = torch.arange(len(completion_ids), device=completion_ids.device)
-    return torch.cat([completion_logps(model, batch, completion_ids, mask, r, args)
-                      for r in rows.split(args.micro_batch_size)])
-
-
-PHASES: dict[str, float] = {}  # seconds per phase of the current step; the run's bookkeeping reads and clears it
-
-
-@contextmanager
-def timed(phase: str):
-    start = time.perf_counter()
-    yield
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # charge queued GPU work to the phase that queued it
-    PHASES[phase] = PHASES.get(phase, 0.0) + time.perf_counter() - start
-
-
-def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
-    """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
-    policy.eval()
-    with timed("vision"):
-        batch.video_features = encode_videos(policy, batch) if args.reuse_vision else None
-    with timed("generation"):
-        config = generation_config(policy, tokenizer, args)
-        completion_ids = generate(policy, batch, config)
-        mask, truncated = completion_mask(completion_ids, config.eos_token_id)
-    with timed("scoring"):
-        completions = decode(tokenizer, completion_ids, mask)
-        samples = [s for s in batch.samples for _ in range(args.num_generations)]
-        rewards = {name: torch.tensor(values, device=completion_ids.device) for name, values in
-                   score_completions(completions, samples, args.rewards, args.reward_weights).items()}
-        advantages = group_advantages(rewards["total"], args.num_generations)
-    with timed("logprob_passes"):
-        old_logps = logps_in_chunks(policy, batch, completion_ids, mask, args) if args.num_iterations > 1 else None
-        ref_logps = None
-        if args.beta > 0:  # pi_ref: the frozen copy under full fine-tuning, else the policy without adapters
-            reference = policy if ref_model is None else ref_model
-            with lora_disabled(policy) if ref_model is None else nullcontext():
-                ref_logps = logps_in_chunks(reference, batch, completion_ids, mask, args)
-    return Rollout(batch, completion_ids, mask, truncated, completions, rewards, advantages, old_logps, ref_logps)
-
-
-@timed("optimisation")
+# ============================================================================ 7. the optimisation step
 def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     """mu optimiser steps on one rollout batch, gradients accumulated over micro-batches."""
     policy.train()  # only switches gradient checkpointing on: Qwen2-VL and our LoRA have no dropout
@@ -537,12 +397,11 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     # DDP averages gradients over the W processes. For every token of the step to weigh the same,
     # each process divides by the step's token count over W, not by its own count.
     step_tokens = accelerator.reduce(ro.completion_mask.sum(), "sum").item() / accelerator.num_processes
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    chunks = torch.arange(num_sequences, device=ro.completion_ids.device).split(args.micro_batch_size)
+    chunks = [rows.to(ro.completion_ids.device) for rows in micro_batches(num_sequences, args)]
     stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
     for _ in range(args.num_iterations):
         for i, rows in enumerate(chunks):
-            mask = ro.completion_mask[rows].float()                          # [n, C]
+            mask = ro.completion_mask[rows]                                  # [n, C]
             # DDP averages gradients across processes once, at the last micro-batch.
             with accelerator.no_sync(model) if i < len(chunks) - 1 else nullcontext():
                 logps = completion_logps(model, ro.batch, ro.completion_ids, ro.completion_mask, rows, args)
@@ -555,385 +414,83 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
             stats["loss"] += loss.item() / args.num_iterations
             stats["kl"] += kl.sum().item() / num_tokens / args.num_iterations
             stats["clip_fraction"] += clipped.sum().item() / num_tokens / args.num_iterations
-        stats["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm))
         # The norm is taken after DDP's all-reduce, so every process makes the same choice.
+        stats["grad_norm"] = float(accelerator.clip_grad_norm_(
+            [p for p in policy.parameters() if p.requires_grad], args.max_grad_norm))
         stats["nonfinite"] = float(not math.isfinite(stats["grad_norm"]))
         if not stats["nonfinite"]:
-            optimizer.step()
+            optimizer.step()  # AdamW without weight decay (our choice), constant learning rate
         optimizer.zero_grad(set_to_none=True)
     return stats
 
 
-def step_metrics(ro: Rollout, args, stats: dict, num_bad: int, lr: float) -> dict:
-    lengths = ro.completion_mask.sum(1).float()
-    groups = ro.rewards["total"].view(-1, args.num_generations)
-    # Tokens each optimisation pass reads: every completion with its question's unpadded prompt.
-    prompt_tokens = ro.batch.attention_mask.sum() * args.num_generations
-    train_tokens = (prompt_tokens + lengths.sum()).item() * args.num_iterations
-    metrics = {**stats, "reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
-               "zero_std_fraction": equal_reward_groups(ro.rewards["total"], args.num_generations).float().mean().item(),
-               "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
-               "truncated_fraction": ro.truncated.float().mean().item(), "bad_videos": float(num_bad),
-               "learning_rate": lr,
-               "generated_tokens_per_s": lengths.sum().item() / max(PHASES.get("generation", 0), 1e-9),
-               "train_tokens_per_s": train_tokens / max(PHASES.get("optimisation", 0), 1e-9)}
-    metrics.update({f"reward_{name}": ro.rewards[name].mean().item() for name in args.rewards})
-    metrics.update({f"seconds_{phase}": t for phase, t in PHASES.items()})
-    return metrics
-
-
-# How each metric combines over processes: counts add up, maxima and peaks take the max, the rest average.
-REDUCE = {"bad_videos": torch.sum, "video_encodings": torch.sum, "completion_length_max": torch.max,
-          "peak_memory_gb": torch.max}
-
-
-def average_over_processes(accelerator, metrics: dict) -> dict:
-    values = accelerator.gather(torch.tensor(list(metrics.values()), device=accelerator.device)[None])  # [W, k]
-    return {key: REDUCE.get(key, torch.mean)(column).item() for key, column in zip(metrics, values.T)}
-
-
-def count_video_encodings(models) -> dict:
-    """A counter of the videos the models' vision towers encode (each call can take several)."""
-    counter = {"videos": 0}
-
-    def count(module, args, kwargs):
-        counter["videos"] += len(kwargs["grid_thw"])
-    for model in models:
-        model.model.visual.register_forward_pre_hook(count, with_kwargs=True)
-    return counter
-
-
-def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
-    """Peak GPU memory allocated by torch, or on a CPU the process's peak resident set (Linux); `reset` restarts it."""
-    if device.type == "cuda":
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if not os.path.exists("/proc/self/status"):
-        return float("nan")
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: VmHWM restarts from the current resident set
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # kB
-
-
-def print_completions(ro: Rollout, args) -> None:
-    sample = ro.batch.samples[0]
-    print(f"\n--- {sample['source']}: {sample['question']!r} (answer: {sample['answer']})")
-    for i in range(args.num_generations):
-        rewards = " ".join(f"{name}={ro.rewards[name][i].item():.2f}" for name in args.rewards)
-        print(f"  [{rewards} A={ro.advantages[i].item():+.2f}] {ro.completions[i]!r}")
-
-
-def save_model(policy, tokenizer, path: str) -> None:
-    """A merged, plain Qwen2-VL checkpoint that from_pretrained loads, tokenizer beside it."""
-    policy.save_pretrained(path, state_dict=merged_state_dict(policy))
-    tokenizer.save_pretrained(path)
-
-
-class RunStopped(Exception):
-    """A stop the run handles itself (a signal, bad data, non-finite steps): saved first, then exit `code`."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
-def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) -> str:
-    """checkpoint-N/: the merged model; in trainer/ what --resume needs; manifest.json, written last.
-
-    Written to checkpoint-N.partial and renamed into place, so a kill during a save leaves
-    no checkpoint that looks complete and is not. A save that fails (a full disk) removes its
-    partial files and stops the run. Only the newest --keep are kept.
-    """
-    final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
-    partial = final + ".partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(os.path.join(partial, "trainer"))
-    accelerator.wait_for_everyone()
-    try:
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-        torch.save(rng, os.path.join(partial, "trainer", f"rng-rank{accelerator.process_index}.pt"))
-        accelerator.wait_for_everyone()  # every process's random state is on disk before the manifest
-        if accelerator.is_main_process:
-            save_model(policy, tokenizer, partial)
-            save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
-                      os.path.join(partial, "trainer", "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), os.path.join(partial, "trainer", "optimizer.pt"))
-            with open(os.path.join(partial, "trainer", "state.json"), "w") as f:
-                json.dump({"step": step, "config": {**vars(args), "world_size": accelerator.num_processes}}, f)
-            write_manifest(partial)
-        error = None
-    except Exception as e:  # a full disk: OSError, or safetensors' own error type
-        error = f"{type(e).__name__}: {e}"
-    errors = [e for e in gather_object([error]) if e]
-    if errors:
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        last = (checkpoints(args.output_dir) or ["none"])[-1]
-        raise RunStopped(f"could not write {final}: {errors[0]}. Its partial files were removed; "
-                         f"the last complete checkpoint is {last}")
-    if accelerator.is_main_process:
-        os.rename(partial, final)
-        for old in checkpoints(args.output_dir)[:-args.keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_manifest(directory: str) -> None:
-    """manifest.json: every file's size and SHA-256, so a truncated or damaged file is found on --resume."""
-    files = sorted(os.path.relpath(os.path.join(root, name), directory)
-                   for root, _, names in os.walk(directory) for name in names)
-    entries = {f: {"bytes": os.path.getsize(os.path.join(directory, f)), "sha256": file_sha256(os.path.join(directory, f))}
-               for f in files}
-    with open(os.path.join(directory, "manifest.json"), "w") as f:
-        json.dump(entries, f, indent=1)
-
-
-def checkpoint_problem(path: str) -> str | None:
-    """What is wrong with a checkpoint, checked against its manifest, or None."""
-    try:
-        with open(os.path.join(path, "manifest.json")) as f:
-            entries = json.load(f)
-    except FileNotFoundError:
-        return f"{path} has no manifest.json (its save never finished)"
-    except ValueError:
-        return f"{path}/manifest.json is damaged"
-    for name, entry in entries.items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return f"{file} is missing"
-        if os.path.getsize(file) != entry["bytes"]:
-            return f"{file} has {os.path.getsize(file)} bytes, its manifest {entry['bytes']} (truncated?)"
-        if file_sha256(file) != entry["sha256"]:
-            return f"{file} does not match its manifest's checksum (damaged)"
-    return None
-
-
-def checkpoint_to_resume(args, world_size: int) -> str:
-    """The checkpoint to continue from. --resume PATH must verify against its manifest; plain --resume
-    takes the newest checkpoint that does, setting damaged ones aside. Either must be this run's."""
-    if args.resume != "latest":
-        problem = checkpoint_problem(args.resume)
-        if problem:
-            good = next((c for c in reversed(checkpoints(os.path.dirname(os.path.abspath(args.resume))))
-                         if not checkpoint_problem(c)), None)
-            raise DataError(f"--resume {args.resume}: {problem}" + (f". The newest checkpoint that verifies is "
-                                                                     f"{good}: pass --resume {good}" if good else ""))
-        return same_run(args.resume, args, world_size)
-    for path in reversed(checkpoints(args.output_dir)):
-        problem = checkpoint_problem(path)
-        if not problem:
-            return same_run(path, args, world_size)
-        os.rename(path, path + ".damaged")  # kept for inspection; never taken as a checkpoint again
-        print(f"warning: {problem}; set aside as {path}.damaged, resuming from the checkpoint before it",
-              file=sys.stderr)
-    raise DataError(f"--resume: no complete checkpoint in {args.output_dir}; nothing was changed "
-                    "(start a new run without --resume)")
-
-
-# Flags a resumed run may change: none of them changes what a step computes.
-MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_every", "eval_limit", "eval_data",
-              "eval_video_root", "eval_prompt", "eval_num_frames", "eval_max_new_tokens", "eval_batch_size", "resume",
-              "overwrite", "output_dir", "micro_batch_size", "gradient_checkpointing", "attn_implementation",
-              "reuse_vision", "max_bad_video_fraction", "max_nonfinite_steps", "check_data", "eval_only", "demo",
-              "benchmark", "trust_remote_code", "report_to"}
-
-
-def resume_mismatches(config: dict, args, world_size: int) -> list[str]:
-    """The flags whose value differs from the checkpoint's run (the number of processes too: it sets the data order)."""
-    now = {**json.loads(json.dumps(vars(args))), "world_size": world_size}
-    return [f"{'number of processes' if k == 'world_size' else '--' + k.replace('_', '-')} {now.get(k)} "
-            f"(checkpoint: {v})" for k, v in config.items() if k not in MAY_CHANGE and now.get(k) != v]
-
-
-def same_run(path: str, args, world_size: int) -> str:
-    with open(os.path.join(path, "trainer", "state.json")) as f:
-        different = resume_mismatches(json.load(f)["config"], args, world_size)
-    if different:
-        raise DataError(f"--resume {path}: this run's settings differ from the checkpoint's: " + "; ".join(different) +
-                        ". Use the checkpoint's, or start a new run in another --output-dir")
-    return path
-
-
-RUN_FILES = ("metrics.jsonl", "args.json")
-
-
-def earlier_run(output_dir: str, names=RUN_FILES) -> list[str]:
-    """What an earlier run left in output_dir: its logs and checkpoints (complete, partial or set aside)."""
-    found = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    return sorted(n for n in found if n in names or (names is RUN_FILES and n.startswith("checkpoint-")))
-
-
-def free_output_dir(output_dir: str, overwrite: bool, names=RUN_FILES) -> None:
-    """Before any model loads: stop if an earlier run is in output_dir, or delete it when --overwrite asks."""
-    found = earlier_run(output_dir, names)
-    if found and not overwrite:
-        raise DataError(f"--output-dir {output_dir} holds an earlier run ({', '.join(found[:4])}"
-                        f"{', ...' if len(found) > 4 else ''}). Continue it with --resume, choose another "
-                        "--output-dir, or delete it with --overwrite")
-    if found:
-        print(f"--overwrite: deleting {', '.join(found)} from {output_dir}", file=sys.stderr)
-        for name in found:
-            path = os.path.join(output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def take_lock(output_dir: str) -> str:
-    """Create output_dir/run.lock atomically, holding this process's id and host; a second run stops here."""
-    os.makedirs(output_dir, exist_ok=True)
-    path, host = os.path.join(output_dir, "run.lock"), socket.gethostname()
-    while True:
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            with open(path) as f:
-                holder = f.read().split()
-            if len(holder) == 2 and holder[1] == host and not process_alive(int(holder[0])):
-                print(f"warning: {path} was left by process {holder[0]}, which is gone: taking it over", file=sys.stderr)
-                os.remove(path)
-                continue
-            raise DataError(f"--output-dir {output_dir} is in use by process {' on '.join(holder) or '(starting)'} "
-                            f"({path}). Wait for it to end, or use another --output-dir")
-        with os.fdopen(descriptor, "w") as f:
-            f.write(f"{os.getpid()} {host}\n")
-        return path
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def release_lock(path: str | None) -> None:
-    if path and os.path.exists(path) and open(path).read().split()[:1] == [str(os.getpid())]:
-        os.remove(path)
-
-
-class StopSignals:
-    """SIGTERM (a scheduler's notice of preemption) and SIGINT (Ctrl-C) stop the run after the current step, saved.
-
-    A second signal more than a second after the first abandons the step at once, unsaved. (The
-    launcher forwards each signal to its workers, so one Ctrl-C can arrive twice within milliseconds.)
-    """
-
-    def __init__(self):
-        self.received, self.at = 0, 0.0
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received and time.monotonic() - self.at > 1:
-            raise KeyboardInterrupt(f"{name} again: the step was abandoned, unsaved")
-        if not self.received:
-            self.received, self.at = signum, time.monotonic()
-            print(f"\n{name}: finishing this step, then saving a checkpoint (send it again to stop at once, unsaved)",
-                  file=sys.stderr, flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-MIN_VIDEOS_TRIED = 10  # before --max-bad-video-fraction applies: one bad video among the first few is no verdict
-
-
-def agreed_stop(accelerator, signals: StopSignals, health: VideoHealth, batch_short: bool, args) -> tuple | None:
-    """(reason, exit code) when any process must stop; every process gets the same answer."""
-    mine = torch.tensor([[signals.received, len(health.good | health.bad), len(health.bad), batch_short]],
-                        dtype=torch.float64, device=accelerator.device)
-    received, tried, bad, short = accelerator.gather(mine).cpu().T                        # each [W]
-    if received.max() > 0:
-        return f"stopped by {signal.Signals(int(received.max())).name}", 128 + int(received.max())
-    if short.any() or (tried.sum() >= MIN_VIDEOS_TRIED and bad.sum() > args.max_bad_video_fraction * tried.sum()):
-        return (f"stopped: {int(bad.sum())} of the {int(tried.sum())} distinct videos tried failed to decode, over "
-                f"--max-bad-video-fraction {args.max_bad_video_fraction} (the warnings above name them)"), 1
-    return None
-
-
-def checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first (a .partial one is never complete)."""
-    names = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(output_dir) else []
-    return [os.path.join(output_dir, n) for n in sorted(names)]
-
-
-def restore_checkpoint(path: str, policy, optimizer, rank: int) -> int:
-    """Trainable weights, optimizer and this process's random state; returns the step to go on from."""
-    trainer = os.path.join(path, "trainer")
-    policy.load_state_dict(load_file(os.path.join(trainer, "trainable.safetensors")), strict=False)
-    optimizer.load_state_dict(torch.load(os.path.join(trainer, "optimizer.pt"), weights_only=True))
-    rng = torch.load(os.path.join(trainer, f"rng-rank{rank}.pt"), weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    with open(os.path.join(trainer, "state.json")) as f:
-        return json.load(f)["step"]
-
-
-def make_accelerator() -> Accelerator:
-    # Accelerator() alone picks no process group on CPU, so each process would train alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != expected:
-        raise RuntimeError(f"launched {expected} processes but accelerate sees {accelerator.num_processes}")
-    return accelerator
-
-
+# ============================================================================ 8. training
 def train(args) -> nn.Module:
     """The whole run: GRPO steps over the data; returns the trained policy (unwrapped)."""
-    with Run(args) as run:
+    with Run(args) as run:  # the tools below: data, model, optimizer, output directory, resume
         for step in range(run.start + 1, run.steps + 1):
             with timed("video_loading"):
                 rows, videos = run.videos_for(step)
                 batch = collate(rows, [question_text(r) for r in rows], videos, run.tokenizer,
                                 run.policy.config.video_token_id, run.accelerator.device)
             ro = rollout(run.policy, run.ref_model, batch, args, run.tokenizer)
-            stats = optimise(run.model, run.policy, run.optimizer, run.accelerator, ro, args)
+            with timed("optimisation"):
+                stats = optimise(run.model, run.policy, run.optimizer, run.accelerator, ro, args)
             run.end_step(step, ro, stats)  # logs, evaluates and saves on schedule; stops safely
     return run.policy
 
 
+# ====================================================================================================================
+# Part II: the tools. Nothing below is needed to follow a training step. It keeps the run's books, saves, resumes
+# and stops it safely, checks data, evaluates on VSI-Bench, and runs the demo and the benchmark.
+# ====================================================================================================================
+
+# ---------------------------------------------------------------------------- bookkeeping
+PHASES: dict[str, float] = {}  # seconds per phase of the current step: timed() adds, end_step() reads and clears
+
+
+@contextmanager
+def timed(phase: str):
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # charge queued GPU work to the phase that queued it
+    PHASES[phase] = PHASES.get(phase, 0.0) + time.perf_counter() - start
+
+
+def make_accelerator(report_to: str = "none") -> Accelerator:
+    # Accelerator() alone picks no process group on a CPU, so each process would train alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=None if report_to == "none" else report_to)
+    if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        raise RuntimeError(f"launched {os.environ['WORLD_SIZE']} processes, accelerate sees {accelerator.num_processes}")
+    return accelerator
+
+
 class Run:
-    """A training run's bookkeeping: the data, the output directory and its lock, the model and
-    optimizer, resuming, metrics, evaluation, checkpoints and safe stops."""
+    """A training run's state outside the method: data, model and optimizer, the output directory and its
+    lock, resuming, metrics, evaluation, checkpoints and safe stops."""
 
     def __init__(self, args):
         self.args, self.lock = args, None
         self.samples = checked_samples(args)
-        eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt) if args.eval_every else []
-        self.eval_rows = eval_rows[:args.eval_limit or None]
+        self.eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)[:args.eval_limit or None] \
+            if args.eval_every else []
         check_model(args.model)
-        self.accelerator = accelerator = make_accelerator()
+        self.accelerator = accelerator = make_accelerator(args.report_to)
         main, world = accelerator.is_main_process, accelerator.num_processes
         try:
-            self.lock = take_lock(args.output_dir) if main else None
-            resume_from = None  # one process looks, all go on from what it found
+            resume_from = None  # one process looks and claims the directory; all go on from what it found
             if main:
+                self.lock = take_lock(args.output_dir)
                 resume_from = checkpoint_to_resume(args, world) if args.resume else \
                     free_output_dir(args.output_dir, args.overwrite)
             [resume_from] = broadcast_object_list([resume_from])
-            set_seed(args.seed)  # same LoRA initialisation on every process
+            set_seed(args.seed)  # the same LoRA initialisation on every process
             model, self.tokenizer = load_model(args, accelerator.device)
             self.ref_model = reference_model(model, args)
-            self.encodings = count_video_encodings([model] + ([self.ref_model] if self.ref_model is not None else []))
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                          lr=args.learning_rate, weight_decay=args.weight_decay)
+            self.encodings = count_video_encodings([model] + ([self.ref_model] if self.ref_model else []))
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                          weight_decay=0.0)
             self.model, self.optimizer = accelerator.prepare(model, optimizer)
             self.policy = accelerator.unwrap_model(self.model)
             set_seed(args.seed, device_specific=True)  # but different samples on each process
@@ -950,19 +507,21 @@ class Run:
             if not resume_from:
                 with open(os.path.join(args.output_dir, "args.json"), "w") as f:
                     json.dump(vars(args), f, indent=1)
+            accelerator.init_trackers("vsgrpo", config={k: str(v) for k, v in vars(args).items()})
             print(f"{len(self.samples)} questions, {world} process(es), {self.steps} steps of "
                   f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}" +
                   (f"; resumed from {resume_from} at step {self.start}" if resume_from else ""))
         self.signals, self.started = StopSignals(), time.perf_counter()
         peak_memory_gb(accelerator.device, reset=True)
         PHASES.clear()
-        self.encodings["videos"] = 0
 
     def __enter__(self):
         return self
 
     def __exit__(self, *error):
         self.signals.restore()
+        for tracker in self.accelerator.trackers:  # not end_training(): evaluation may still need the processes
+            tracker.finish()
         # Free the DDP wrapper before the process group: if DDP's destructor drops the group's last
         # reference, gloo tears down while holding the GIL and can deadlock (pytorch/pytorch#56297).
         self.accelerator.free_memory(self.model, self.optimizer)
@@ -970,7 +529,7 @@ class Run:
         release_lock(self.lock)
 
     def videos_for(self, step: int) -> tuple[list, list]:
-        """The rows and decoded videos this process trains on at `step`; the processes agree first on any stop."""
+        """The rows and decoded videos this process trains on at `step`; first, the processes agree on any stop."""
         args, rank, world = self.args, self.accelerator.process_index, self.accelerator.num_processes
         indices = batch_indices(step - 1, rank, world, args.batch_size, len(self.samples), args.seed)
         rng = np.random.default_rng([args.seed, step, rank])
@@ -981,24 +540,24 @@ class Run:
         return rows, videos
 
     def end_step(self, step: int, ro, stats: dict) -> None:
-        """Log the step, evaluate and save on schedule, and stop (saved) after too many non-finite steps."""
+        """Log the step, evaluate and save on schedule; stop, saved, after too many non-finite steps."""
         args, accelerator = self.args, self.accelerator
         metrics = step_metrics(ro, args, stats, len(self.failures), self.optimizer.param_groups[0]["lr"])
         metrics.update(video_encodings=self.encodings["videos"], peak_memory_gb=peak_memory_gb(accelerator.device))
         metrics = average_over_processes(accelerator, metrics)
         if args.eval_every and step % args.eval_every == 0:
-            predictions, _ = evaluate(self.policy, self.tokenizer, self.eval_rows, args, accelerator)
-            metrics["eval_avg"] = task_scores(predictions)["Avg"]
+            metrics["eval_avg"] = task_scores(evaluate(self.policy, self.tokenizer, self.eval_rows, args,
+                                                       accelerator)[0])["Avg"]
         if accelerator.is_main_process:
             log_step(args, step, self.steps, metrics, (time.perf_counter() - self.started) / (step - self.start))
+            accelerator.log(metrics, step=step)
             if args.log_completions_every and step % args.log_completions_every == 0:
                 print_completions(ro, args)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if stats["nonfinite"] else 0
         if self.nonfinite_in_a_row:
             print(f"warning: step {step} skipped: non-finite loss or gradient", file=sys.stderr)
-        if self.nonfinite_in_a_row >= args.max_nonfinite_steps:
-            self.stop(f"stopped: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient", 1,
-                      save_step=step)  # their updates were skipped: these are the last good weights
+        if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:  # their updates were skipped: these are the last good weights
+            self.stop(f"stopped: {MAX_NONFINITE_STEPS} steps in a row had a non-finite loss or gradient", 1, step)
         if args.save_every and (step % args.save_every == 0 or step == self.steps):
             self.save(step)
         PHASES.clear()  # evaluation and saving are charged to no phase
@@ -1020,17 +579,17 @@ class Run:
                          "To continue, run the same command with --resume", code)
 
 
-def checked_samples(args) -> list[dict]:
-    """The cheap part of --check-data, before any model is loaded: every row, and every video file exists.
+MAX_NONFINITE_STEPS = 3  # in a row, then the run stops (our choice)
 
-    Rows whose video is missing are dropped and counted; too many missing stops here.
-    """
+
+def checked_samples(args) -> list[dict]:
+    """The cheap part of --check-data, before any model loads: every row, and every video file exists.
+    Rows whose video is missing are dropped and counted; too many missing stop here."""
     errors = []
     samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
     if errors:
         raise DataError(f"{len(errors)} bad row(s):\n  " + "\n  ".join(errors[:20]) + "\n(--check-data lists all)")
-    missing = check_videos(samples, args, decode=False)
-    videos = len({s["video"] for s in samples})
+    missing, videos = check_videos(samples, args, decode=False), len({s["video"] for s in samples})
     if len(missing) > args.max_bad_video_fraction * videos:
         raise DataError(f"{len(missing)} of {videos} videos missing, over --max-bad-video-fraction "
                         f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(missing[:10]))
@@ -1042,46 +601,358 @@ def checked_samples(args) -> list[dict]:
     return samples
 
 
+def step_metrics(ro, args, stats: dict, num_bad: int, lr: float) -> dict:
+    lengths = ro.completion_mask.sum(1).float()
+    groups = ro.rewards["total"].view(-1, args.num_generations)
+    # Tokens each optimisation pass reads: every completion with its question's unpadded prompt.
+    train_tokens = (ro.batch.attention_mask.sum() * args.num_generations + lengths.sum()).item() * args.num_iterations
+    metrics = {**stats, "reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
+               "zero_std_fraction": equal_reward_groups(ro.rewards["total"], args.num_generations).float().mean().item(),
+               "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
+               "truncated_fraction": ro.truncated.float().mean().item(), "bad_videos": float(num_bad),
+               "learning_rate": lr, "generated_tokens_per_s": lengths.sum().item() / max(PHASES.get("generation", 0), 1e-9),
+               "train_tokens_per_s": train_tokens / max(PHASES.get("optimisation", 0), 1e-9)}
+    metrics.update({f"reward_{name}": ro.rewards[name].mean().item() for name in args.rewards})
+    return {**metrics, **{f"seconds_{phase}": t for phase, t in PHASES.items()}}
+
+
+# How each metric combines over processes: counts add up, maxima and peaks take the max, the rest average.
+REDUCE = {"bad_videos": torch.sum, "video_encodings": torch.sum, "completion_length_max": torch.max,
+          "peak_memory_gb": torch.max}
+
+
+def average_over_processes(accelerator, metrics: dict) -> dict:
+    values = accelerator.gather(torch.tensor(list(metrics.values()), device=accelerator.device)[None])  # [W, k]
+    return {key: REDUCE.get(key, torch.mean)(column).item() for key, column in zip(metrics, values.T)}
+
+
+def count_video_encodings(models) -> dict:
+    """A counter of the videos the models' vision towers encode (each call can take several)."""
+    counter = {"videos": 0}
+    for model in models:
+        model.model.visual.register_forward_pre_hook(
+            lambda module, args, kwargs: counter.update(videos=counter["videos"] + len(kwargs["grid_thw"])),
+            with_kwargs=True)
+    return counter
+
+
+def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
+    """Peak GPU memory allocated by torch; on a CPU, the process's peak resident set (Linux's VmHWM)."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if reset and os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # restarts VmHWM from the current resident set (getrusage's peak cannot be reset)
+    status = open("/proc/self/status").read() if os.path.exists("/proc/self/status") else "VmHWM: nan kB"
+    return float(re.search(r"VmHWM:\s*(\S+)", status).group(1)) / 2**20
+
+
+def log_step(args, step: int, steps: int, metrics: dict, seconds_per_step: float) -> None:
+    """Append the step to metrics.jsonl and show one progress line: in place on a terminal, whole lines when piped."""
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    line = (f"[{'#' * int(20 * step / steps):.<20}] {step}/{steps} {seconds_per_step:.1f}s/step eta "
+            f"{seconds_per_step * (steps - step) / 60:.1f}min loss {metrics['loss']:+.4f} reward {metrics['reward']:.3f} "
+            f"kl {metrics['kl']:.2e} len {metrics['completion_length']:.0f} zero-std {metrics['zero_std_fraction']:.2f}")
+    in_place = sys.stdout.isatty() and step < steps and not (args.log_completions_every and
+                                                             (step + 1) % args.log_completions_every == 0)
+    print(f"\r{line}\033[K" if sys.stdout.isatty() else line, end="" if in_place else "\n", flush=True)
+
+
+def print_completions(ro, args) -> None:
+    sample = ro.batch.samples[0]
+    print(f"\n--- {sample['source']}: {sample['question']!r} (answer: {sample['answer']})")
+    for i in range(args.num_generations):
+        rewards = " ".join(f"{name}={ro.rewards[name][i].item():.2f}" for name in args.rewards)
+        print(f"  [{rewards} A={ro.advantages[i].item():+.2f}] {ro.completions[i]!r}")
+
+
+# ---------------------------------------------------------------------------- checkpoints, resume, safe stops
+class RunStopped(Exception):
+    """A stop the run handles itself (a signal, bad data, non-finite steps, a failed save): exit with `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of a plain Qwen2-VL: each W replaced by W + (alpha / r) B A, adapters dropped."""
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    state.update({f"{name}.weight": module.merged_weight().detach() for name, module in model.named_modules()
+                  if isinstance(module, LoRALinear)})
+    return state
+
+
+def save_model(policy, tokenizer, path: str) -> None:
+    """A merged, plain Qwen2-VL checkpoint that from_pretrained loads, tokenizer beside it."""
+    policy.save_pretrained(path, state_dict=merged_state_dict(policy))
+    tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) -> str:
+    """checkpoint-N/: the merged model; in trainer/ what --resume needs; manifest.json, written last.
+
+    Written to checkpoint-N.partial and renamed into place, so a kill during a save leaves no
+    checkpoint that looks complete and is not. A failed save (a full disk) removes its partial
+    files and stops the run. Only the newest --keep are kept.
+    """
+    final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
+    partial, main = final + ".partial", accelerator.is_main_process
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(os.path.join(partial, "trainer"))
+    accelerator.wait_for_everyone()
+    try:
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+        torch.save(rng, os.path.join(partial, "trainer", f"rng-rank{accelerator.process_index}.pt"))
+        accelerator.wait_for_everyone()  # every process's random state is on disk before the manifest
+        if main:
+            save_model(policy, tokenizer, partial)
+            save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
+                      os.path.join(partial, "trainer", "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), os.path.join(partial, "trainer", "optimizer.pt"))
+            with open(os.path.join(partial, "trainer", "state.json"), "w") as f:
+                json.dump({"step": step, "config": {**vars(args), "world_size": accelerator.num_processes}}, f)
+            write_manifest(partial)
+        error = None
+    except Exception as e:  # a full disk: OSError, or safetensors' own error type
+        error = f"{type(e).__name__}: {e}"
+    if any(gather_object([error])):
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise RunStopped(f"could not write {final}: {next(e for e in gather_object([error]) if e)}. Its partial files "
+                         f"were removed; the last complete checkpoint is {(checkpoints(args.output_dir) or ['none'])[-1]}")
+    if main:
+        os.rename(partial, final)
+        for old in checkpoints(args.output_dir)[:-args.keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str) -> None:
+    """manifest.json: each file's size and SHA-256, so that --resume finds a truncated or damaged file."""
+    files = [os.path.relpath(os.path.join(root, name), directory) for root, _, names in os.walk(directory)
+             for name in names]
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump({n: [os.path.getsize(os.path.join(directory, n)), sha256(os.path.join(directory, n))]
+                   for n in sorted(files)}, f, indent=1)
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What is wrong with a checkpoint, checked against its manifest, or None."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{path} has no manifest.json (its save never finished)" if isinstance(e, FileNotFoundError) else \
+            f"{path}/manifest.json is damaged"
+    for name, (size, digest) in manifest.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} has {os.path.getsize(file)} bytes, its manifest {size} (truncated?)"
+        if sha256(file) != digest:
+            return f"{file} does not match its manifest's checksum (damaged)"
+    return None
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first (a .partial or .damaged one never counts)."""
+    names = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(output_dir) else []
+    return [os.path.join(output_dir, n) for n in sorted(names)]
+
+
+def checkpoint_to_resume(args, world_size: int) -> str:
+    """The checkpoint to continue from. --resume PATH must verify against its manifest; plain --resume takes
+    the newest that does, setting damaged ones aside. Either must come from a run with these settings."""
+    if args.resume != "latest":
+        problem = checkpoint_problem(args.resume)
+        good = next((c for c in reversed(checkpoints(os.path.dirname(os.path.abspath(args.resume))))
+                     if not checkpoint_problem(c)), None) if problem else args.resume
+        if problem:
+            raise DataError(f"--resume {args.resume}: {problem}" +
+                            (f". The newest checkpoint that verifies is {good}: pass --resume {good}" if good else ""))
+        return same_run(args.resume, args, world_size)
+    for path in reversed(checkpoints(args.output_dir)):
+        problem = checkpoint_problem(path)
+        if not problem:
+            return same_run(path, args, world_size)
+        os.rename(path, path + ".damaged")  # kept for inspection, never taken again
+        print(f"warning: {problem}; set aside as {path}.damaged, resuming from the one before", file=sys.stderr)
+    raise DataError(f"--resume: no complete checkpoint in {args.output_dir}; nothing was changed "
+                    "(start a new run without --resume)")
+
+
+# Flags a resumed run may change: none changes what a step computes.
+MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_every", "eval_limit", "eval_data",
+              "eval_video_root", "eval_prompt", "eval_num_frames", "eval_batch_size", "resume", "overwrite",
+              "output_dir", "micro_batch_size", "gradient_checkpointing", "reuse_vision", "max_bad_video_fraction",
+              "check_data", "eval_only", "demo", "benchmark", "trust_remote_code", "report_to"}
+
+
+def same_run(path: str, args, world_size: int) -> str:
+    """`path`, if its run had these settings (and as many processes: they set the data order); else stop."""
+    with open(os.path.join(path, "trainer", "state.json")) as f:
+        saved = json.load(f)["config"]
+    now = {**json.loads(json.dumps(vars(args))), "world_size": world_size}
+    differ = [f"{'processes' if k == 'world_size' else '--' + k.replace('_', '-')} {now.get(k)} (checkpoint: {v})"
+              for k, v in saved.items() if k not in MAY_CHANGE and now.get(k) != v]
+    if differ:
+        raise DataError(f"--resume {path}: this run's settings differ from the checkpoint's: {'; '.join(differ)}. "
+                        "Use the checkpoint's, or start a new run in another --output-dir")
+    return path
+
+
+def restore_checkpoint(path: str, policy, optimizer, rank: int) -> int:
+    """Trainable weights, optimizer and this process's random state; returns the step to go on from."""
+    trainer = os.path.join(path, "trainer")
+    policy.load_state_dict(load_file(os.path.join(trainer, "trainable.safetensors")), strict=False)
+    optimizer.load_state_dict(torch.load(os.path.join(trainer, "optimizer.pt"), weights_only=True))
+    rng = torch.load(os.path.join(trainer, f"rng-rank{rank}.pt"), weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(trainer, "state.json")) as f:
+        return json.load(f)["step"]
+
+
 def keep_metrics_up_to(path: str, step: int) -> None:
-    """A resumed run keeps the log of the steps it did not redo; a new run starts an empty log."""
+    """A resumed run keeps the log of the steps it does not redo; a new run starts an empty log."""
     kept = [line for line in open(path) if json.loads(line)["step"] <= step] if step and os.path.exists(path) else []
     with open(path, "w") as f:
         f.writelines(kept)
 
 
+RUN_FILES = r"metrics\.jsonl|args\.json|checkpoint-.*"  # what a training run writes into its --output-dir
+
+
+def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES) -> None:
+    """Before any model loads: stop if an earlier run is in output_dir, or delete it when --overwrite asks."""
+    found = sorted(n for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else []) if re.fullmatch(names, n))
+    if found and not overwrite:
+        raise DataError(f"--output-dir {output_dir} holds an earlier run ({', '.join(found[:4])}"
+                        f"{', ...' if len(found) > 4 else ''}). Continue it with --resume, choose another "
+                        "--output-dir, or delete it with --overwrite")
+    if found:
+        print(f"--overwrite: deleting {', '.join(found)} from {output_dir}", file=sys.stderr)
+    for path in (os.path.join(output_dir, n) for n in found):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def take_lock(output_dir: str) -> str:
+    """Create output_dir/run.lock atomically, with this process's id and host: a second run stops here."""
+    os.makedirs(output_dir, exist_ok=True)
+    path, host = os.path.join(output_dir, "run.lock"), socket.gethostname()
+    while True:
+        try:
+            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(f"{os.getpid()} {host}\n")
+            return path
+        except FileExistsError:
+            holder = open(path).read().split()
+        if len(holder) == 2 and holder[1] == host and not process_alive(int(holder[0])):
+            print(f"warning: {path} was left by process {holder[0]}, which is gone: taking it over", file=sys.stderr)
+            os.remove(path)
+        else:
+            raise DataError(f"--output-dir {output_dir} is in use by process {' on '.join(holder) or '(starting)'} "
+                            f"({path}). Wait for it to end, or use another --output-dir")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    return True
+
+
+def release_lock(path: str | None) -> None:
+    if path and os.path.exists(path) and open(path).read().split()[:1] == [str(os.getpid())]:
+        os.remove(path)
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's notice of preemption) and SIGINT (Ctrl-C) stop the run after the current step,
+    saved. A second signal over a second after the first abandons the step at once, unsaved. (The launcher
+    forwards each signal to its workers, so one Ctrl-C can reach a worker twice within milliseconds.)"""
+
+    def __init__(self):
+        self.received, self.at = 0, 0.0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.received and time.monotonic() - self.at > 1:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: the step was abandoned, unsaved")
+        if not self.received:
+            self.received, self.at = signum, time.monotonic()
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving it (send it again to stop at "
+                  "once, unsaved)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+MIN_VIDEOS_TRIED = 10  # before --max-bad-video-fraction applies: one bad video among the first few is no verdict
+
+
+def agreed_stop(accelerator, signals: StopSignals, health: VideoHealth, batch_short: bool, args) -> tuple | None:
+    """(reason, exit code) when any process must stop; every process gets the same answer."""
+    mine = torch.tensor([[signals.received, len(health.good | health.bad), len(health.bad), batch_short]],
+                        dtype=torch.float64, device=accelerator.device)
+    received, tried, bad, short = accelerator.gather(mine).cpu().T                         # each [W]
+    if received.max() > 0:
+        return f"stopped by {signal.Signals(int(received.max())).name}", 128 + int(received.max())
+    if short.any() or (tried.sum() >= MIN_VIDEOS_TRIED and bad.sum() > args.max_bad_video_fraction * tried.sum()):
+        return (f"stopped: {int(bad.sum())} of the {int(tried.sum())} distinct videos tried failed to decode, over "
+                f"--max-bad-video-fraction {args.max_bad_video_fraction} (the warnings above name them)"), 1
+    return None
+
+
+# ---------------------------------------------------------------------------- checking data and the model
 def run_check_data(args) -> int:
-    """--check-data: every row and every video, in parallel; 1 if anything is wrong."""
+    """--check-data: every row, and every video through training's own preprocessing, in parallel; 1 if bad."""
     errors = []
     samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
     bad_videos = check_videos(samples, args, decode=True)
-    types = Counter(s["question_type"] or "(untyped)" for s in samples)
     print(f"{len(samples)} good rows, {len({s['video'] for s in samples})} videos")
-    for question_type, count in sorted(types.items()):
+    for question_type, count in sorted(Counter(s["question_type"] or "(untyped)" for s in samples).items()):
         print(f"  {question_type:32} {count:7}{'  numeric' if question_type in NUMERIC_TYPES else ''}")
-    for title, problems in (("bad rows (missing fields, answers the rewards cannot score)", errors),
+    for title, problems in (("bad rows (missing or mistyped fields, answers the rewards cannot score)", errors),
                             ("missing or undecodable videos", bad_videos)):
         print(f"{len(problems)} {title}" + "".join(f"\n  {p}" for p in problems))
     return 1 if errors or bad_videos else 0
 
 
-def log_step(args, step: int, steps: int, metrics: dict, seconds_per_step: float) -> None:
-    """Append the step to metrics.jsonl and print one line, led by a progress bar."""
-    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    bar = f"[{'#' * int(20 * step / steps):.<20}] {step}/{steps} {seconds_per_step:.1f}s/step"
-    print(f"{bar} eta {seconds_per_step * (steps - step) / 60:.1f}min loss {metrics['loss']:+.4f} reward {metrics['reward']:.3f} "
-          f"kl {metrics['kl']:.2e} len {metrics['completion_length']:.0f} zero-std {metrics['zero_std_fraction']:.2f}",
-          flush=True)
+def check_model(name: str) -> None:
+    """Stop in one line when --model is neither a local checkpoint nor on the hub, before other work.
+    Only config.json is fetched here; the loader's own error stays chained (and its first line shown)."""
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # not one warning per retry
+    try:
+        Qwen2VLConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        where = "is a directory without a Qwen2-VL config.json" if os.path.isdir(name) else \
+            "is not a local directory, and the model hub could not give it"
+        raise DataError(f"--model {name} {where} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                        "Pass the directory of a downloaded checkpoint.") from e
 
 
-# ============================================================================ 9. evaluation on VSI-Bench
-def greedy_config(model, tokenizer, args) -> GenerationConfig:
-    max_new = args.eval_max_new_tokens or (16 if args.eval_prompt == "vanilla" else args.max_completion_length)
-    return GenerationConfig(do_sample=False, max_new_tokens=max_new, repetition_penalty=1.0, num_return_sequences=1,
-                            eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            suppress_tokens=banned_token_ids(model))
-
-
+# ---------------------------------------------------------------------------- evaluation on VSI-Bench
 def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, protocol: str,
                 show_progress: bool = False) -> tuple[list, list]:
     """Greedy answers to rows[indices], scored: (predictions, rows not evaluated with the reason).
@@ -1089,8 +960,10 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
     protocol "benchmark": VSI-Bench's prompts, clean-up and metrics; "training": the training
     prompt and accuracy reward (the demo's held-out questions).
     """
-    benchmark, config = protocol == "benchmark", greedy_config(policy, tokenizer, args)
-    predictions, skipped = [], []
+    benchmark = protocol == "benchmark"
+    # VSI-Bench decodes 16 new tokens; a think or observe prompt needs the training length.
+    max_new = 16 if benchmark and args.eval_prompt == "vanilla" else args.max_completion_length
+    config, predictions, skipped = generation_config(policy, tokenizer, max_new), [], []
     for start in range(0, len(indices), args.eval_batch_size):
         if show_progress:
             print(f"\r  evaluated {start} of this process's {len(indices)} questions", end="", flush=True)
@@ -1099,8 +972,7 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
             try:
                 if benchmark and rows[i]["question_type"] not in BENCHMARK_TYPES:
                     raise DataError(f"unknown question_type {rows[i]['question_type']!r}")
-                chunk.append((i, rows[i], load_video(rows[i]["video"], args.eval_num_frames, args.min_pixels,
-                                                     args.max_pixels)))
+                chunk.append((i, rows[i], load_video(rows[i]["video"], args.eval_num_frames, args.max_pixels)))
             except DataError as e:
                 skipped.append({"index": i, "id": rows[i]["id"], "source": rows[i]["source"], "reason": str(e)})
         if not chunk:
@@ -1112,10 +984,9 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
         outputs = decode(tokenizer, completion_ids, completion_mask(completion_ids, config.eos_token_id)[0])
         for (i, row, _), text, raw in zip(chunk, texts, outputs):
             prediction = clean_prediction(raw, args.eval_prompt) if benchmark else extract_answer(raw, row["prompt_mode"])
-            score = benchmark_score(prediction, row) if benchmark else answer_score(prediction, row)
             predictions.append({"index": i, "id": row["id"], "question_type": row["question_type"], "prompt": text,
                                 "raw_output": raw, "prediction": prediction, "ground_truth": row["answer"],
-                                "score": score})
+                                "score": (benchmark_score if benchmark else answer_score)(prediction, row)})
     if show_progress:
         print(f"\r  evaluated {len(indices)} of this process's {len(indices)} questions")
     return predictions, skipped
@@ -1127,20 +998,21 @@ def evaluate(policy, tokenizer, rows: list[dict], args, accelerator, protocol="b
     policy.eval()
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
     predictions, skipped = answer_rows(policy, tokenizer, rows, mine, args, protocol, accelerator.is_main_process)
-    by_index = lambda items: sorted(items, key=lambda item: item["index"])
-    return by_index(gather_object(predictions)), by_index(gather_object(skipped))
+    return [sorted(gather_object(items), key=lambda item: item["index"]) for items in (predictions, skipped)]
+
+
+EVALUATION_FILES = r"predictions\.jsonl|metrics\.json"
 
 
 def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict:
     """predictions.jsonl, metrics.json and the paper's table, x100."""
     scores = task_scores(predictions)
-    counts = {task: sum(p["question_type"] in types for p in predictions) for task, types in BENCHMARK_TASKS.items()}
     covered = len(scores) - 1  # the tasks with at least one question; "Avg" is their mean
-    metrics = {"scores": scores, "tasks_in_avg": covered, "questions": counts, "evaluated": len(predictions),
-               "not_evaluated": skipped,
+    metrics = {"scores": scores, "tasks_in_avg": covered, "evaluated": len(predictions), "not_evaluated": skipped,
+               "questions": {task: sum(p["question_type"] in types for p in predictions)
+                             for task, types in BENCHMARK_TASKS.items()},
                "settings": {"model": args.model, "prompt": args.eval_prompt, "num_frames": args.eval_num_frames,
-                            "min_pixels": args.min_pixels, "max_pixels": args.max_pixels}}
-    os.makedirs(args.output_dir, exist_ok=True)
+                            "max_pixels": args.max_pixels}}
     with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in predictions)
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
@@ -1162,19 +1034,20 @@ def run_evaluation(args) -> dict:
     rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)
     check_model(args.model)
     if accelerator.is_main_process:
-        free_output_dir(args.output_dir, args.overwrite, ("predictions.jsonl", "metrics.json"))
+        os.makedirs(args.output_dir, exist_ok=True)
+        free_output_dir(args.output_dir, args.overwrite, EVALUATION_FILES)
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
     policy, tokenizer = load_model(args, accelerator.device)
     predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
     return write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
 
 
-# ============================================================================ 10. demo and benchmark
+# ---------------------------------------------------------------------------- random models: the demo's, the benchmark's, the tests'
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-# Model shapes with random weights. 2b and 7b are Qwen2-VL-2B/7B-Instruct's config.json, so a
-# full-size model is measured with nothing downloaded; tiny is the demo's; small is 2b at about a
-# sixth of its widths and vocabulary, with 4 + 4 layers, so a CPU runs it in minutes.
+# Shapes of Qwen2-VL with random weights. 2b and 7b are Qwen2-VL-2B/7B-Instruct's config.json, so a full-size
+# model is measured with nothing downloaded; tiny is the demo's; small is 2b at about a sixth of its widths and
+# vocabulary, with 4 + 4 layers, so a CPU runs it in minutes.
 SIZES = {
     "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, rope_theta=1e4),
@@ -1192,11 +1065,8 @@ SIZES = {
 
 
 def word_level_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A tokenizer with one token per word of `texts`, plus Qwen2-VL's special tokens and the prompts' tags.
-
-    The small vocabulary is what makes the demo learnable: a random model's one-word guesses
-    hit a right answer often enough (about 1 in 40) to give GRPO a signal.
-    """
+    """One token per word of `texts`, plus Qwen2-VL's special tokens and the prompts' tags. The small vocabulary
+    makes the demo learnable: a random model's one-word guesses are right often enough for GRPO to have a signal."""
     split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     words = sorted({w for text in texts for w, _ in split.pre_tokenize_str(text.lower())})
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
@@ -1236,14 +1106,23 @@ def build_random_model(path: str, texts: list[str], size: str = "tiny", seed: in
     model.to(torch.bfloat16 if large else torch.float32).save_pretrained(path)
 
 
+def synthetic_setup(out: str, size: str, num_questions: int, seed: int = 0, **video) -> list[dict]:
+    """Synthetic rows and videos under `out`, and a random model of `size` over their words in out/model."""
+    rows = read_rows(write_synthetic_dataset(out, num_questions, seed, **video))
+    build_random_model(os.path.join(out, "model"), [r["question"] + " " + r["ground_truth"] for r in rows] +
+                       list(PROMPTS.values()) + ["system you are a helpful assistant user"], size)
+    return rows
+
+
+# ---------------------------------------------------------------------------- the demo
 def demo_flags(out: str) -> list[str]:
     """The demo's settings; flags given after --demo override them."""
-    return ["--model", f"{out}/tiny-qwen2-vl", "--data", f"{out}/train.jsonl", "--video-root", f"{out}/videos",
+    return ["--model", f"{out}/model", "--data", f"{out}/train.jsonl", "--video-root", f"{out}/videos",
             "--eval-data", f"{out}/heldout.jsonl", "--eval-video-root", f"{out}/videos", "--num-frames", "4",
             "--eval-num-frames", "4", "--max-pixels", str(56 * 56), "--max-completion-length", "1",
-            "--eval-max-new-tokens", "1", "--lora-rank", "0", "--learning-rate", "1e-3", "-G", "8",
-            "--batch-size", "16", "--micro-batch-size", "128", "--max-steps", "400", "--save-every", "400",
-            "--log-completions-every", "100", "--eval-batch-size", "50"]
+            "--lora-rank", "0", "--learning-rate", "1e-3", "-G", "8", "--batch-size", "16", "--micro-batch-size",
+            "128", "--max-steps", "400", "--save-every", "400", "--log-completions-every", "100",
+            "--eval-batch-size", "50"]
 
 
 def reward_curve(values: list[float], height: int = 8, width: int = 60) -> str:
@@ -1257,23 +1136,20 @@ def reward_curve(values: list[float], height: int = 8, width: int = 60) -> str:
 
 def run_demo(argv: list[str]) -> dict:
     """Write synthetic data and a tiny model, score held-out questions, train with GRPO, score again."""
-    out = parse_args(argv).output_dir
-    started = time.perf_counter()
-    rows = read_rows(write_synthetic_dataset(out, 400, seed=0, name="train"))
+    out, started = parse_args(argv).output_dir, time.perf_counter()
+    free_output_dir(os.path.join(out, "run"), "--overwrite" in argv)  # before minutes of work, not after
+    transformers_logging.disable_progress_bar()  # the demo saves and loads its model several times
+    synthetic_setup(out, "tiny", 400)
     write_synthetic_dataset(out, 200, seed=1, name="heldout")
-    build_random_model(f"{out}/tiny-qwen2-vl", [r["question"] + " " + r["ground_truth"] for r in rows] +
-                       ["system you are a helpful assistant user"])
-    args = parse_args(demo_flags(out) + [a for a in argv if a != "--demo"])
-    accelerator = make_accelerator()
-    held_out = load_samples(args.eval_data, args.eval_video_root, args.prompt_mode)
+    args = parse_args(demo_flags(out) + [a for a in argv if a != "--demo"] + ["--output-dir", f"{out}/run"])
+    accelerator, held_out = make_accelerator(), load_samples(args.eval_data, args.eval_video_root, args.prompt_mode)
+    per_type = lambda policy: {t: float(np.mean([p["score"] for p in predictions if p["question_type"] == t]))
+                               for predictions in [evaluate(policy, tokenizer, held_out, args, accelerator,
+                                                            protocol="training")[0]]
+                               for t in sorted({p["question_type"] for p in predictions})}
     policy, tokenizer = load_model(args, accelerator.device)  # loaded back as a real checkpoint is
-    per_type = lambda predictions: {t: float(np.mean([p["score"] for p in predictions if p["question_type"] == t]))
-                                    for t in sorted({p["question_type"] for p in predictions})}
-    before = per_type(evaluate(policy, tokenizer, held_out, args, accelerator, protocol="training")[0])
-    policy = train(args)
-    after = per_type(evaluate(policy, tokenizer, held_out, args, accelerator, protocol="training")[0])
+    before, after = per_type(policy), per_type(train(args))
     blind = no_video_baseline(held_out)
-    rewards_per_step = [json.loads(line)["reward"] for line in open(os.path.join(out, "metrics.jsonl"))]
     result = {"before": before, "after": after, "no_video_best": blind, "seconds": time.perf_counter() - started,
               "mean_before": float(np.mean(list(before.values()))), "mean_after": float(np.mean(list(after.values())))}
     if accelerator.is_main_process:
@@ -1281,59 +1157,148 @@ def run_demo(argv: list[str]) -> dict:
               f"{'question type':24} {'before':>7} {'after':>7} {'best without video':>19}")
         for t in before:
             print(f"{t:24} {before[t]:7.2f} {after[t]:7.2f} {blind[t]:19.2f}{'  <- sees the video' if after[t] > blind[t] else ''}")
-        print(f"{'mean':24} {result['mean_before']:7.2f} {result['mean_after']:7.2f}")
-        print(f"\ntraining reward per step\n{reward_curve(rewards_per_step)}\n{result['seconds']:.0f} s in all")
+        rewards_per_step = [json.loads(line)["reward"] for line in open(os.path.join(args.output_dir, "metrics.jsonl"))]
+        print(f"{'mean':24} {result['mean_before']:7.2f} {result['mean_after']:7.2f}\n\ntraining reward per step\n"
+              f"{reward_curve(rewards_per_step)}\n{result['seconds']:.0f} s in all")
         with open(os.path.join(out, "demo.json"), "w") as f:
             json.dump(result, f, indent=1)
     return result
 
 
+# ---------------------------------------------------------------------------- the benchmark
 VSI_100K_QUESTIONS = 117_000  # about; the paper's training set
 
 
 def run_benchmark(argv: list[str]) -> dict:
     """--benchmark SIZE: the same steps, seed and videos with the vision reuse off, then on; a table of both."""
-    args = parse_args(argv)
-    out, accelerator = args.output_dir, make_accelerator()
-    args.max_steps = steps = args.max_steps or 4
+    args, accelerator = parse_args(argv), make_accelerator()
+    out, steps = args.output_dir, args.max_steps or 4
+    transformers_logging.disable_progress_bar()
     if accelerator.is_main_process:  # one writer; the other processes wait for the files
-        rows = read_rows(write_synthetic_dataset(out, args.batch_size * accelerator.num_processes * steps, args.seed,
-                                                 args.num_frames, name="benchmark", scale=4))
-        build_random_model(f"{out}/model", [r["question"] + " " + r["ground_truth"] for r in rows], args.benchmark)
+        free_output_dir(out, args.overwrite, r"benchmark\.json|no-reuse|reuse")
+        synthetic_setup(out, args.benchmark, args.batch_size * accelerator.num_processes * steps, args.seed,
+                        num_frames=args.num_frames, name="benchmark", scale=4)
     accelerator.wait_for_everyone()
-    flags = ["--model", f"{out}/model", "--data", f"{out}/benchmark.jsonl", "--video-root", f"{out}/videos",
-             "--max-steps", str(steps), "--save-every", "0", "--log-completions-every", "0"]
     results = {}
     for mode in ("no reuse", "reuse"):
-        run = parse_args(flags + argv)  # the command line's own flags win
-        run.reuse_vision, run.output_dir = mode == "reuse", os.path.join(out, mode.replace(" ", "-"))
+        run = parse_args(["--model", f"{out}/model", "--data", f"{out}/benchmark.jsonl", "--video-root",
+                          f"{out}/videos", "--save-every", "0", "--log-completions-every", "0"] + argv +
+                         ["--max-steps", str(steps), "--output-dir", os.path.join(out, mode.replace(" ", "-"))])
+        run.reuse_vision = mode == "reuse"
         train(run)
         measured = [json.loads(line) for line in open(os.path.join(run.output_dir, "metrics.jsonl"))][1:]
-        mean = lambda key: float(np.mean([m.get(key, 0.0) for m in measured]))
-        phases = [k for k in measured[0] if k.startswith("seconds_")]
-        results[mode] = {"step_seconds": sum(mean(k) for k in phases), **{k: mean(k) for k in phases},
-                         **{k: mean(k) for k in ("generated_tokens_per_s", "train_tokens_per_s", "video_encodings")},
+        mean = {k: float(np.mean([m.get(k, 0.0) for m in measured])) for k in measured[0]
+                if k.startswith("seconds_") or k in ("generated_tokens_per_s", "train_tokens_per_s", "video_encodings")}
+        results[mode] = {"step_seconds": sum(v for k, v in mean.items() if k.startswith("seconds_")), **mean,
                          "peak_memory_gb": max(m["peak_memory_gb"] for m in measured)}
     if accelerator.is_main_process:
-        print_benchmark(results, args, accelerator)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        print(f"\nbenchmark: {args.benchmark}, {accelerator.num_processes} x {device}, {args.batch_size} question(s) x "
+              f"G={args.num_generations} per process, {args.num_frames} frames of at most {args.max_pixels} pixels, "
+              f"{args.max_completion_length} new tokens, LoRA rank {args.lora_rank}; means of steps 2 to {steps}\n\n"
+              "| | no reuse | reuse |\n|---|---:|---:|")
+        for key, value in results["reuse"].items():
+            label = f"- {key[8:]} (s)" if key.startswith("seconds_") else key.replace("_", " ")
+            print(f"| {label} | {results['no reuse'].get(key, 0.0):.4g} | {value:.4g} |")
+        hours = VSI_100K_QUESTIONS / args.batch_size * results["reuse"]["step_seconds"] / 3600
+        print(f"\nsteps per second, reuse / no reuse: {results['no reuse']['step_seconds'] / results['reuse']['step_seconds']:.2f}x\n"
+              f"one epoch of VSI-100k ({VSI_100K_QUESTIONS} questions) at the reuse speed: {hours:.1f} device-hours")
         with open(os.path.join(out, "benchmark.json"), "w") as f:
             json.dump({"settings": vars(args), "results": results}, f, indent=1)
     return results
 
 
-def print_benchmark(results: dict, args, accelerator) -> None:
-    reuse, plain = results["reuse"], results["no reuse"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\nbenchmark: {args.benchmark}, {accelerator.num_processes} x {device}, {args.batch_size} question(s) x "
-          f"G={args.num_generations} per process, {args.num_frames} frames of at most {args.max_pixels} pixels, "
-          f"{args.max_completion_length} new tokens, LoRA rank {args.lora_rank}; means of steps 2 to "
-          f"{args.max_steps}\n\n| | no reuse | reuse |\n|---|---:|---:|")
-    for key in reuse:
-        label = f"- {key[8:]} (s)" if key.startswith("seconds_") else key.replace("_", " ")
-        print(f"| {label} | {plain.get(key, 0.0):.4g} | {reuse[key]:.4g} |")
-    hours = VSI_100K_QUESTIONS / args.batch_size * reuse["step_seconds"] / 3600
-    print(f"\nsteps per second, reuse / no reuse: {plain['step_seconds'] / reuse['step_seconds']:.2f}x\n"
-          f"one epoch of VSI-100k ({VSI_100K_QUESTIONS} questions) at the reuse speed: {hours:.1f} device-hours")
+# ---------------------------------------------------------------------------- the tools' flags, and main
+def tool_flags(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument_group("running, saving and evaluating").add_argument
+    a("--output-dir", default="runs/vsgrpo", help="metrics.jsonl, args.json and checkpoints go here")
+    a("--resume", nargs="?", const="latest", help="continue the run in --output-dir from its newest sound checkpoint, "
+      "or from PATH")
+    a("--overwrite", action="store_true", help="delete the earlier run in --output-dir: its metrics and checkpoints")
+    a("--save-every", type=int, default=500, help="checkpoint every N steps and at the end (0: only when stopped)")
+    a("--keep", type=int, default=3, help="checkpoints kept, the newest (our choice)")
+    a("--log-completions-every", type=int, default=10, help="print one question's G completions every N steps")
+    a("--report-to", default="none", help="also log to accelerate's trackers when installed: tensorboard, wandb, ...")
+    a("--max-bad-video-fraction", type=float, default=0.5, help="stop when more of the distinct videos tried "
+      f"fail to decode (after {MIN_VIDEOS_TRIED} tried; our choice)")
+    a("--check-data", action="store_true", help="check every row and video of --data (in parallel) and exit")
+    a("--trust-remote-code", action="store_true", help="let the checkpoint run its own code (off: safe loading)")
+    a("--eval-only", action="store_true", help="score --model on --eval-data (VSI-Bench) and exit")
+    a("--eval-data", nargs="+", help="VSI-Bench rows: JSON or JSONL with the benchmark's field names")
+    a("--eval-video-root", default=".", help="a row's video is {root}/{dataset}/{scene_name}.mp4")
+    a("--eval-prompt", choices=list(PROMPTS), default="vanilla", help="vanilla: the benchmark's own protocol")
+    a("--eval-num-frames", type=int, default=32, help="VSI-Bench gave open models 32 frames")
+    a("--eval-batch-size", type=int, default=8, help="questions per generate call (our choice)")
+    a("--eval-every", type=int, default=0, help="during training, score --eval-limit held-out questions every N steps")
+    a("--eval-limit", type=int, default=0, help="questions scored by --eval-every (0 = all)")
+    a("--demo", action="store_true", help="offline, on a CPU: synthetic videos, a tiny model, GRPO, before/after")
+    a("--benchmark", choices=list(SIZES), help="time --max-steps steps (default 4) of a random model of this size, "
+      "with and without --no-reuse-vision, on synthetic videos")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    method_flags(parser)
+    tool_flags(parser)
+    return parser
+
+
+# The range of every numeric flag: (lowest, highest); a float 0.0 as the lowest means "positive".
+RANGES = {
+    "num_generations": (2, None), "num_frames": (1, None), "eval_num_frames": (1, None), "max_pixels": (28 * 28, None),
+    "max_completion_length": (1, None), "temperature": (0.0, None), "beta": (0, None), "clip_eps": (0.0, 1),
+    "num_iterations": (1, None), "learning_rate": (0.0, None), "max_grad_norm": (0.0, None), "batch_size": (1, None),
+    "micro_batch_size": (1, None), "max_steps": (0, None), "lora_rank": (0, None), "lora_alpha": (0.0, None),
+    "seed": (0, None), "max_bad_video_fraction": (0, 1), "log_completions_every": (0, None), "save_every": (0, None),
+    "keep": (1, None), "eval_batch_size": (1, None), "eval_every": (0, None), "eval_limit": (0, None),
+}
+
+
+def flag_problems(args) -> list[str]:
+    """What is wrong with the flags' values and how they combine, checked before anything loads."""
+    problems = []
+    for name, (low, high) in RANGES.items():
+        flag, value = "--" + name.replace("_", "-"), getattr(args, name)
+        if low == 0.0 and isinstance(low, float) and not value > 0:  # "not >" catches nan too
+            problems.append(f"{flag} must be positive, got {value}")
+        elif not value >= low:
+            problems.append(f"{flag} must be at least {low}{' (one 28x28 patch)' * (name == 'max_pixels')}, got {value}")
+        elif high is not None and not value <= high:
+            problems.append(f"{flag} must be at most {high}, got {value}")
+    trackers, existing = {t.value for t in get_available_trackers()} | {"none", "all"}, os.path.abspath(args.output_dir)
+    while not os.path.exists(existing):  # the output directory's nearest existing ancestor decides
+        existing = os.path.dirname(existing)
+    return problems + [problem for bad, problem in [
+        (len(args.reward_weights) != len(args.rewards),
+         f"--reward-weights has {len(args.reward_weights)} values for {len(args.rewards)} rewards"),
+        (not all(map(math.isfinite, args.reward_weights)), "--reward-weights must be finite numbers"),
+        ("format" in args.rewards and args.prompt_mode == "vanilla",
+         "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags"),
+        (not args.data and not (args.eval_only or args.demo or args.benchmark), "--data is required (no data yet? try --demo)"),
+        (args.benchmark and args.max_steps == 1, "--benchmark needs --max-steps of 2 or more: step 1 is warm-up"),
+        ((args.eval_only or args.eval_every) and not args.eval_data, "--eval-only and --eval-every need --eval-data"),
+        (args.report_to not in trackers, f"--report-to {args.report_to}: not installed (installed: {sorted(trackers)})"),
+        (not os.path.isdir(existing), f"--output-dir {args.output_dir}: {existing} is a file, not a directory"),
+        (os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK),
+         f"--output-dir {args.output_dir}: {existing} is not writable"),
+    ] if bad]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the flags; every mistake stops here, before a model is loaded."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.rewards = args.rewards or DEFAULT_REWARDS[args.prompt_mode]
+    args.reward_weights = args.reward_weights or [1.0] * len(args.rewards)
+    for problem in flag_problems(args):
+        parser.error(problem)
+    try:
+        for paths in (args.data, args.eval_data):
+            expand_paths(paths or [])
+    except DataError as e:
+        parser.error(str(e))
+    return args
 
 
 def main(argv=None):
