@@ -500,44 +500,80 @@ def test_reference_log_probs_see_the_video(synthetic):
 
 
 
-def test_reused_video_features_give_the_same_samples_log_probs_loss_and_gradients(synthetic):
-    args, model, tokenizer = load_tiny(synthetic)
+@rewards.reward("length")
+def length_reward(completions: list[str], samples: list[dict]) -> list[float]:
+    return [len(c) / 10 for c in completions]                    # varied rewards: advantages that are not 0
+
+
+def perturbed(model, reference=None):
+    """The policy moved away from its reference, so that KL terms and ratios are not trivially 0 or 1."""
     torch.manual_seed(1)
-    for layer in model.modules():                       # a policy that differs from its reference
-        if isinstance(layer, vsgrpo.LoRALinear):
-            layer.lora_B.data.normal_(std=0.1)
-    args.num_generations = 3
-    plain = batch_of(synthetic, [0, 1], args, tokenizer, model)        # two videos, one prompt left-padded
-    encoded = vsgrpo.count_video_encodings([model])
-    reused = dataclasses.replace(plain, video_features=vsgrpo.encode_videos(model, plain))
-    assert encoded["videos"] == 2
-    config = vsgrpo.generation_config(model, tokenizer, args.max_completion_length, args.num_generations,
-                                      args.temperature)
-    samples = []
-    for batch in (plain, reused):
-        torch.manual_seed(0)
-        samples.append(vsgrpo.generate(model, batch, config))
-    assert torch.equal(samples[0], samples[1]) and encoded["videos"] == 2 + 2  # generation encoded the plain batch
-    ids = samples[0]
-    mask, _ = vsgrpo.completion_mask(ids, config.eos_token_id)
-    rows, advantages = torch.arange(6), torch.tensor([1.0, -0.5, -0.5, 0.3, 0.2, -0.5])
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p), alpha=0.1 if name.endswith("lora_B") else 0.01)
+    return model
+
+
+@pytest.mark.parametrize("lora_rank, mu, checkpointing", [(4, 1, False), (4, 2, True), (0, 2, False), (0, 1, True)])
+def test_the_shared_prompt_gives_the_straightforward_paths_samples_log_probs_loss_and_gradients(
+        synthetic, lora_rank, mu, checkpointing):
     results = []
-    for batch in (plain, reused):
-        model.zero_grad()
-        with torch.no_grad(), vsgrpo.lora_disabled(model):
-            ref = vsgrpo.completion_logps(model, batch, ids, mask, rows, args)
-        logps = vsgrpo.completion_logps(model, batch, ids, mask, rows, args)
-        token_loss, _, _ = vsgrpo.grpo_token_loss(logps, logps.detach(), ref, advantages, mask, 0.2, 0.1)
-        loss = vsgrpo.aggregate_loss(token_loss, mask, "sequence", 6, int(mask.sum()))
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        results.append((ref, logps.detach(), loss.detach(), grads))
-    assert encoded["videos"] == 4 + 6 + 6               # the plain passes encode every copy, the reused none
-    (ref0, logps0, loss0, grads0), (ref1, logps1, loss1, grads1) = results
-    assert ((logps0 - logps1).abs() * mask).max() < 1e-5 and ((ref0 - ref1).abs() * mask).max() < 1e-5
-    assert (logps0 - ref0).abs().max() > 1e-3           # a test that could fail: policy and reference differ
-    assert abs(loss0 - loss1) < 1e-5 and loss0 != 0
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads0, grads1))
+    for straightforward in (True, False):
+        args = make_args(synthetic, "--lora-rank", str(lora_rank), "--lora-alpha", "8", "-G", "3", "--rewards",
+                         "length", "--num-iterations", str(mu), "--micro-batch-size", "2", "--beta", "0.1",
+                         *["--gradient-checkpointing"] * checkpointing, *["--straightforward"] * straightforward)
+        torch.manual_seed(0)
+        model, tokenizer = vsgrpo.load_model(args, torch.device("cpu"))
+        reference = vsgrpo.reference_model(model, args)                 # a frozen copy under full fine-tuning
+        perturbed(model)
+        batch = batch_of(synthetic, [0, 1], args, tokenizer, model)     # two videos, one prompt left-padded
+        torch.manual_seed(0)
+        ro = vsgrpo.rollout(model, reference, batch, args, tokenizer)
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        stats = vsgrpo.optimise(model, model, optimizer, vsgrpo.make_accelerator(), ro, args)
+        steps = [b - p.detach() for b, p in zip(before, (p for p in model.parameters() if p.requires_grad))]
+        results.append((ro, stats, steps))
+    (plain, plain_stats, plain_steps), (shared, shared_stats, shared_steps) = results
+    mask = plain.completion_mask
+    assert torch.equal(plain.completion_ids, shared.completion_ids) and mask.sum() > 6
+    for name in ("ref_logps",) + ("old_logps",) * (mu > 1):
+        assert (torch.where(mask.bool(), getattr(plain, name) - getattr(shared, name), 0).abs().max() < 1e-5), name
+    assert plain.advantages.abs().max() > 0.1 and plain_stats["kl"] > 0
+    assert plain_stats["loss"] == pytest.approx(shared_stats["loss"], abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain_steps, shared_steps))
+    assert max(step.abs().max() for step in shared_steps) > 1e-3            # it did learn something
+
+
+def test_packed_log_probs_equal_separate_sequences_next_to_an_early_eos_and_a_mutation_breaks_them(
+        synthetic, monkeypatch):
+    args, model, tokenizer = load_tiny(synthetic)
+    perturbed(model)
+    args.num_generations = 2
+    batch = batch_of(synthetic, [0, 1], args, tokenizer, model)
+    shared = dataclasses.replace(batch, video_features=vsgrpo.encode_videos(model, batch))
+    eos, pad, word = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("how")
+    ids = torch.tensor([[word, 7, eos, pad, pad, pad], [word] * 6, [9, eos, pad, pad, pad, pad], [8, word] * 3])
+    mask, truncated = vsgrpo.completion_mask(ids, [eos])
+    assert truncated.tolist() == [False, True, False, True]            # early EOS then padding, next to full length
+
+    def largest_difference() -> float:
+        with torch.no_grad():
+            return max(torch.where(mask[rows].bool(), vsgrpo.completion_logps(model, shared, ids, mask, rows, args) -
+                                   vsgrpo.completion_logps(model, batch, ids, mask, rows, args), 0).abs().max().item()
+                       for rows in (torch.tensor([0, 1]), torch.tensor([2, 3])))
+    assert largest_difference() < 1e-5
+    packed_inputs = vsgrpo.packed_inputs
+    for mutation in ("position", "mask"):
+        def mutated(*a):
+            inputs = packed_inputs(*a)
+            if mutation == "position":                                     # the last completion one position on
+                inputs["position_ids"][..., -6:] += 1
+            else:                                                          # the last completion sees the one before
+                inputs["attention_mask"][..., -6:, -12:-6] = 0
+            return inputs
+        monkeypatch.setattr(vsgrpo, "packed_inputs", mutated)
+        assert largest_difference() > 1e-4, mutation
 
 
 # ----------------------------------------------------------------------------- data and flags
@@ -830,13 +866,13 @@ def test_reuse_refuses_a_trainable_vision_tower(synthetic):
     batch = batch_of(synthetic, [0], args, tokenizer, model)
     assert len(vsgrpo.encode_videos(model, batch)) == 1
     model.model.visual.requires_grad_(True)             # a fork that trains the tower: features go stale
-    with pytest.raises(RuntimeError, match="--no-reuse-vision"):
+    with pytest.raises(RuntimeError, match="--straightforward"):
         vsgrpo.encode_videos(model, batch)
 
 
 def test_a_step_encodes_each_video_once_and_trains_as_the_straightforward_path(synthetic, tmp_path):
     logs = {}
-    for name, extra in (("reuse", []), ("plain", ["--no-reuse-vision"])):
+    for name, extra in (("reuse", []), ("plain", ["--straightforward"])):
         vsgrpo.main(training_flags(synthetic, tmp_path / name, "--max-steps", "2", "--save-every", "0",
                                    "--log-completions-every", "0", *extra))
         logs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
@@ -857,14 +893,14 @@ def test_benchmark_under_accelerate_launch_times_both_paths_on_the_same_steps(tm
                           str(56 * 56), "--max-completion-length", "4"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.load(open(tmp_path / "benchmark.json"))["results"]
-    # 2 processes x 1 question: generation encodes 1 video each; without reuse the reference and policy
-    # passes encode G = 4 copies each too; the count is summed over the processes.
-    assert results["reuse"]["video_encodings"] == 2 and results["no reuse"]["video_encodings"] == 2 * (1 + 4 + 4)
-    for mode in results.values():
-        assert mode["step_seconds"] > 0 and mode["peak_memory_gb"] > 0
-        assert mode["generated_tokens_per_s"] > 0 and mode["train_tokens_per_s"] > 0
+    # 2 processes x 1 question: the default path encodes each video once; the straightforward path encodes
+    # it in generation and in the reference and policy passes' G = 4 copies each; summed over the processes.
+    assert results["default"]["video_encodings"] == 2 and results["straightforward"]["video_encodings"] == 2 * (1 + 4 + 4)
+    for path in results.values():
+        assert path["step_seconds"] > 0 and path["peak_memory_gb"] > 0
+        assert path["generated_tokens_per_s"] > 0 and path["train_tokens_per_s"] > 0
     assert len(os.listdir(tmp_path / "videos" / "synthetic")) == 2 * 3                  # a new video every step
-    assert "| video encodings | 18 | 2 |" in done.stdout and "steps per second, reuse / no reuse" in done.stdout
+    assert "| video encodings | 18 | 2 |" in done.stdout and "steps per second, default / straightforward" in done.stdout
 
 
 def test_the_full_size_shapes_have_qwen2_vls_published_parameter_counts():

@@ -69,13 +69,14 @@ def method_flags(parser: argparse.ArgumentParser) -> None:
     a("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 for 2B, 5e-6 for 7B (constant: no schedule)")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (our choice)")
     a("--batch-size", type=int, default=1, help="questions per process per step (our choice)")
-    a("--micro-batch-size", type=int, default=2, help="completions per forward and backward (our choice)")
+    a("--micro-batch-size", type=int, default=14, help="completions of one question per forward and backward, "
+      "packed behind one copy of its prompt (our choice: all G; lower it for long completions)")
     a("--max-steps", type=int, default=0, help="optimisation steps (0 = one pass over the data)")
     a("--lora-rank", type=int, default=64, help="0 = full fine-tuning of the language model (paper: LoRA, rank unstated)")
     a("--lora-alpha", type=float, default=128, help="LoRA scale is alpha / rank (our choice)")
     a("--gradient-checkpointing", action="store_true", help="trade compute for memory (open recipes use it)")
-    a("--no-reuse-vision", dest="reuse_vision", action="store_false",
-      help="encode a video in every pass instead of once per step (slower; for comparison)")
+    a("--straightforward", action="store_true", help="every pass takes each completion with its own copy of the "
+      "prompt and video, and encodes that video again (slow; for the tests and the benchmark)")
     a("--seed", type=int, default=0, help="seeds LoRA initialisation, data order and sampling")
 
 
@@ -186,7 +187,7 @@ def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
     Questions about the same video (VSI-100k asks many per scene) share its features.
     """
     if any(p.requires_grad for p in inner(model).model.visual.parameters()):  # a fork that trains the tower
-        raise RuntimeError("a trainable vision tower changes its features within a step: use --no-reuse-vision")
+        raise RuntimeError("a trainable vision tower changes its features within a step: use --straightforward")
     videos = [s["video"] for s in batch.samples]
     first = [videos.index(video) for video in dict.fromkeys(videos)]  # each distinct video at its first question
     encoded = inner(model).model.get_video_features(torch.cat([batch.pixel_values[i] for i in first]),
@@ -198,7 +199,7 @@ def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
 def video_inputs(batch: Batch, questions: list[int]) -> dict:
     """The videos of `questions`, in order: their features if encoded this step, else their pixels."""
     grid = batch.video_grid_thw[questions]  # the 3-D rotary positions need it either way
-    if batch.video_features is None:  # --no-reuse-vision: the model encodes every copy itself
+    if batch.video_features is None:  # --straightforward: the model encodes every copy itself
         return dict(pixel_values_videos=torch.cat([batch.pixel_values[q] for q in questions]), video_grid_thw=grid)
     # A new output object per call: generate() expands it for its G copies in place.
     features = BaseModelOutputWithPooling(pooler_output=tuple(batch.video_features[q] for q in questions))
@@ -213,35 +214,62 @@ def banned_token_ids(model) -> list[int]:
 
 
 # ============================================================================ 4. log-probs
+# A question's G completions share its prompt: about 1,000 video and question tokens at 16 frames,
+# against a few dozen per answer. So one forward takes one question's prompt once with k of its
+# completions packed behind it, [prompt, o_1, ..., o_k]. A 4-D mask lets each completion see the
+# prompt and its own earlier tokens only, and each takes the positions that follow the prompt, as
+# if it stood alone: every log-prob is the one a separate [prompt, o_i] sequence would give.
+def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch.Tensor, question: int) -> dict:
+    """Model inputs of one sequence [prompt, o_rows...] for `question`; L = P + k*C (P without padding)."""
+    prompt = batch.input_ids[question][batch.attention_mask[question].bool()]                   # [P]
+    (k, C), P = completion_ids[rows].shape, len(prompt)
+    input_ids = torch.cat([prompt, completion_ids[rows].flatten()])[None]                       # [1, L]
+    alone = input_ids[:, :P + C]                                                                 # [prompt, o_1]
+    positions, _ = inner(model).model.get_rope_index(alone, video_token_types(alone, model),    # [3, 1, P + C]
+                                                     video_grid_thw=batch.video_grid_thw[[question]])
+    position_ids = torch.cat([positions[..., :P], positions[..., P:].repeat(1, 1, k)], -1)       # [3, 1, L]
+    part = torch.cat([torch.zeros(P), torch.arange(1, k + 1).repeat_interleave(C)]).to(input_ids.device)  # [L]
+    order = torch.arange(len(part), device=input_ids.device)
+    sees = (order[None] <= order[:, None]) & ((part[None] == 0) | (part[None] == part[:, None]))  # [L, L]
+    # Additive, not boolean: eager attention adds the mask, so a boolean one would be silently wrong there.
+    dtype = inner(model).dtype
+    mask = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+    return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[None, None],
+                mm_token_type_ids=video_token_types(input_ids, model), **video_inputs(batch, [question]))
+
+
 def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
                      args) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) of each token of completions `rows`, WITH the video: [n, C].
+    """log pi(o_t | q, o_<t) of each token of completions `rows` (all of one question), WITH the video: [k, C]."""
+    if batch.video_features is None:  # --straightforward: each completion with its own copy of prompt and video
+        return straightforward_logps(model, batch, completion_ids, mask, rows, args)
+    (k, C), question = completion_ids[rows].shape, int(rows[0]) // args.num_generations
+    logits = model(**packed_inputs(model, batch, completion_ids, rows, question), use_cache=False,
+                   logits_to_keep=k * C + 1).logits[0]                                           # [1 + k*C, V]
+    # o_j's token t is predicted at the prompt's last position (t = 0), else at o_j's token t - 1.
+    at = torch.arange(C, device=logits.device) + C * torch.arange(k, device=logits.device)[:, None]
+    return token_logps(logits[at.masked_fill(at % C == 0, 0)], completion_ids[rows], model, args)
 
-    Sequence i answers question i // G and gets that question's video. Logits are divided by the
-    sampling temperature and the banned tokens masked: the distribution the completions came from.
-    """
-    questions = rows // args.num_generations
-    input_ids = torch.cat([batch.input_ids[questions], completion_ids[rows]], 1)              # [n, P + C]
-    attention_mask = torch.cat([batch.attention_mask[questions], mask[rows]], 1)              # [n, P + C]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=video_token_types(
-        input_ids, model), **video_inputs(batch, questions.tolist()), use_cache=False,
-        logits_to_keep=completion_ids.shape[1] + 1).logits[:, :-1]                            # [n, C, V]
+
+def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.Tensor:
+    """log-probs [k, C] of `ids` under logits [k, C, V] divided by the sampling temperature, with the
+    banned tokens masked as in sampling: the distribution the completions came from."""
     logits = (logits.float() / args.temperature).index_fill(
         -1, torch.tensor(banned_token_ids(model), device=logits.device), float("-inf"))
-    token_logits = logits.gather(-1, completion_ids[rows].unsqueeze(-1)).squeeze(-1)          # [n, C]
-    return token_logits - logits.logsumexp(-1)
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def micro_batches(num_sequences: int, args) -> list[torch.Tensor]:
-    """The rows of each forward: --micro-batch-size completions at a time."""
-    return list(torch.arange(num_sequences).split(args.micro_batch_size))
+def micro_batches(num_questions: int, args) -> list[torch.Tensor]:
+    """The rows of each forward: up to --micro-batch-size completions of one question."""
+    G = args.num_generations
+    return [rows for q in range(num_questions) for rows in torch.arange(q * G, (q + 1) * G).split(args.micro_batch_size)]
 
 
 @torch.no_grad()
 def logps_of_all(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, args) -> torch.Tensor:
     """completion_logps of every completion, a micro-batch at a time: [B*G, C]."""
     return torch.cat([completion_logps(model, batch, completion_ids, mask, rows.to(completion_ids.device), args)
-                      for rows in micro_batches(len(completion_ids), args)])
+                      for rows in micro_batches(len(batch.samples), args)])
 
 
 # ============================================================================ 5. the rollout
@@ -277,10 +305,25 @@ def generation_config(model, tokenizer, max_new_tokens: int, num_return_sequence
 
 @torch.no_grad()
 def generate(model, batch: Batch, config: GenerationConfig) -> torch.Tensor:
-    """Completions, question-major (q0 x G, q1 x G, ...): [B*G, C]."""
-    sequences = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               mm_token_type_ids=video_token_types(batch.input_ids, model),
-                               **video_inputs(batch, list(range(len(batch.samples)))), generation_config=config)
+    """Completions, question-major (q0 x G, q1 x G, ...): [B*G, C].
+
+    Each prompt is prefilled once and its G continuations are sampled from copies of that state.
+    """
+    G, types, grid = config.num_return_sequences, video_token_types(batch.input_ids, model), batch.video_grid_thw
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=types)
+    if G == 1 or batch.video_features is None:  # one answer each, or --straightforward: generate() expands
+        sequences = model.generate(**inputs, **video_inputs(batch, list(range(len(grid)))), generation_config=config)
+        return sequences[:, batch.input_ids.shape[1]:]
+    positions, deltas = model.model.get_rope_index(batch.input_ids, types, video_grid_thw=grid,
+                                                   attention_mask=batch.attention_mask)  # [3, B, P], [B, 1]
+    cache = model(**{k: v[:, :-1] for k, v in inputs.items()}, position_ids=positions[..., :-1], use_cache=True,
+                  **video_inputs(batch, list(range(len(grid))))).past_key_values  # all but the last prompt token
+    cache.batch_repeat_interleave(G)
+    # generate() goes on from the cache, with each copy's rotary offset set explicitly: the model keeps
+    # it from its last call, which was the prefill of B rows, not B*G.
+    model.model.rope_deltas = deltas.repeat_interleave(G, 0)
+    sequences = model.generate(**{k: v.repeat_interleave(G, 0) for k, v in inputs.items()}, past_key_values=cache,
+                               generation_config=GenerationConfig(**{**config.to_dict(), "num_return_sequences": 1}))
     return sequences[:, batch.input_ids.shape[1]:]
 
 
@@ -328,7 +371,7 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
     """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
     policy.eval()
     with timed("vision"):
-        batch.video_features = encode_videos(policy, batch) if args.reuse_vision else None
+        batch.video_features = None if args.straightforward else encode_videos(policy, batch)
     with timed("generation"):
         config = generation_config(policy, tokenizer, args.max_completion_length, args.num_generations,
                                    args.temperature)
@@ -397,7 +440,7 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     # DDP averages gradients over the W processes. For every token of the step to weigh the same,
     # each process divides by the step's token count over W, not by its own count.
     step_tokens = accelerator.reduce(ro.completion_mask.sum(), "sum").item() / accelerator.num_processes
-    chunks = [rows.to(ro.completion_ids.device) for rows in micro_batches(num_sequences, args)]
+    chunks = [rows.to(ro.completion_ids.device) for rows in micro_batches(len(ro.batch.samples), args)]
     stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
     for _ in range(args.num_iterations):
         for i, rows in enumerate(chunks):
@@ -669,6 +712,20 @@ def print_completions(ro, args) -> None:
         print(f"  [{rewards} A={ro.advantages[i].item():+.2f}] {ro.completions[i]!r}")
 
 
+# ---------------------------------------------------------------------------- the straightforward path
+def straightforward_logps(model, batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                          args) -> torch.Tensor:
+    """completion_logps as a plain implementation computes it, to check the packed sequences against: each
+    completion after its own copy of the left-padded prompt and video, positions left to the model: [n, C]."""
+    questions = rows // args.num_generations
+    input_ids = torch.cat([batch.input_ids[questions], completion_ids[rows]], 1)              # [n, P + C]
+    attention_mask = torch.cat([batch.attention_mask[questions], mask[rows]], 1)              # [n, P + C]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=video_token_types(
+        input_ids, model), **video_inputs(batch, questions.tolist()), use_cache=False,
+        logits_to_keep=completion_ids.shape[1] + 1).logits[:, :-1]                            # [n, C, V]
+    return token_logps(logits, completion_ids[rows], model, args)
+
+
 # ---------------------------------------------------------------------------- checkpoints, resume, safe stops
 class RunStopped(Exception):
     """A stop the run handles itself (a signal, bad data, non-finite steps, a failed save): exit with `code`."""
@@ -799,7 +856,7 @@ def checkpoint_to_resume(args, world_size: int) -> str:
 # Flags a resumed run may change: none changes what a step computes.
 MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_every", "eval_limit", "eval_data",
               "eval_video_root", "eval_prompt", "eval_num_frames", "eval_batch_size", "resume", "overwrite",
-              "output_dir", "micro_batch_size", "gradient_checkpointing", "reuse_vision", "max_bad_video_fraction",
+              "output_dir", "micro_batch_size", "gradient_checkpointing", "straightforward", "max_bad_video_fraction",
               "check_data", "eval_only", "demo", "benchmark", "trust_remote_code", "report_to"}
 
 
@@ -1170,42 +1227,48 @@ VSI_100K_QUESTIONS = 117_000  # about; the paper's training set
 
 
 def run_benchmark(argv: list[str]) -> dict:
-    """--benchmark SIZE: the same steps, seed and videos with the vision reuse off, then on; a table of both."""
+    """--benchmark SIZE: the same steps, seed and videos on the straightforward path, then the default; a table."""
     args, accelerator = parse_args(argv), make_accelerator()
     out, steps = args.output_dir, args.max_steps or 4
     transformers_logging.disable_progress_bar()
     if accelerator.is_main_process:  # one writer; the other processes wait for the files
-        free_output_dir(out, args.overwrite, r"benchmark\.json|no-reuse|reuse")
+        free_output_dir(out, args.overwrite, r"benchmark\.json|straightforward|default")
         synthetic_setup(out, args.benchmark, args.batch_size * accelerator.num_processes * steps, args.seed,
                         num_frames=args.num_frames, name="benchmark", scale=4)
     accelerator.wait_for_everyone()
     results = {}
-    for mode in ("no reuse", "reuse"):
+    for path in ("straightforward", "default"):
         run = parse_args(["--model", f"{out}/model", "--data", f"{out}/benchmark.jsonl", "--video-root",
                           f"{out}/videos", "--save-every", "0", "--log-completions-every", "0"] + argv +
-                         ["--max-steps", str(steps), "--output-dir", os.path.join(out, mode.replace(" ", "-"))])
-        run.reuse_vision = mode == "reuse"
+                         ["--max-steps", str(steps), "--output-dir", os.path.join(out, path)])
+        run.straightforward = path == "straightforward"
         train(run)
         measured = [json.loads(line) for line in open(os.path.join(run.output_dir, "metrics.jsonl"))][1:]
         mean = {k: float(np.mean([m.get(k, 0.0) for m in measured])) for k in measured[0]
                 if k.startswith("seconds_") or k in ("generated_tokens_per_s", "train_tokens_per_s", "video_encodings")}
-        results[mode] = {"step_seconds": sum(v for k, v in mean.items() if k.startswith("seconds_")), **mean,
+        results[path] = {"step_seconds": sum(v for k, v in mean.items() if k.startswith("seconds_")), **mean,
                          "peak_memory_gb": max(m["peak_memory_gb"] for m in measured)}
     if accelerator.is_main_process:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        print(f"\nbenchmark: {args.benchmark}, {accelerator.num_processes} x {device}, {args.batch_size} question(s) x "
-              f"G={args.num_generations} per process, {args.num_frames} frames of at most {args.max_pixels} pixels, "
-              f"{args.max_completion_length} new tokens, LoRA rank {args.lora_rank}; means of steps 2 to {steps}\n\n"
-              "| | no reuse | reuse |\n|---|---:|---:|")
-        for key, value in results["reuse"].items():
-            label = f"- {key[8:]} (s)" if key.startswith("seconds_") else key.replace("_", " ")
-            print(f"| {label} | {results['no reuse'].get(key, 0.0):.4g} | {value:.4g} |")
-        hours = VSI_100K_QUESTIONS / args.batch_size * results["reuse"]["step_seconds"] / 3600
-        print(f"\nsteps per second, reuse / no reuse: {results['no reuse']['step_seconds'] / results['reuse']['step_seconds']:.2f}x\n"
-              f"one epoch of VSI-100k ({VSI_100K_QUESTIONS} questions) at the reuse speed: {hours:.1f} device-hours")
+        print_benchmark(results, args, accelerator.num_processes, steps)
         with open(os.path.join(out, "benchmark.json"), "w") as f:
             json.dump({"settings": vars(args), "results": results}, f, indent=1)
     return results
+
+
+def print_benchmark(results: dict, args, processes: int, steps: int) -> None:
+    plain, default = results["straightforward"], results["default"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\nbenchmark: {args.benchmark}, {processes} x {device}, {args.batch_size} question(s) x G="
+          f"{args.num_generations} per process, {args.num_frames} frames of at most {args.max_pixels} pixels, "
+          f"{args.max_completion_length} new tokens, LoRA rank {args.lora_rank}; means of steps 2 to {steps}\n\n"
+          "| | straightforward | default |\n|---|---:|---:|")
+    for key, value in default.items():
+        label = f"- {key[8:]} (s)" if key.startswith("seconds_") else key.replace("_", " ")
+        print(f"| {label} | {plain.get(key, 0.0):.4g} | {value:.4g} |")
+    hours = VSI_100K_QUESTIONS / args.batch_size / processes * default["step_seconds"] / 3600
+    print(f"\nsteps per second, default / straightforward: {plain['step_seconds'] / default['step_seconds']:.2f}x\n"
+          f"one epoch of VSI-100k ({VSI_100K_QUESTIONS} questions) on the default path: {hours:.1f} hours on "
+          f"{processes} device(s)")
 
 
 # ---------------------------------------------------------------------------- the tools' flags, and main
@@ -1233,7 +1296,7 @@ def tool_flags(parser: argparse.ArgumentParser) -> None:
     a("--eval-limit", type=int, default=0, help="questions scored by --eval-every (0 = all)")
     a("--demo", action="store_true", help="offline, on a CPU: synthetic videos, a tiny model, GRPO, before/after")
     a("--benchmark", choices=list(SIZES), help="time --max-steps steps (default 4) of a random model of this size, "
-      "with and without --no-reuse-vision, on synthetic videos")
+      "on the straightforward and the default path, on synthetic videos")
 
 
 def build_parser() -> argparse.ArgumentParser:
