@@ -1,9 +1,7 @@
-"""From files on disk to Qwen2-VL inputs: rows, videos, frames, patches, prompts.
+"""From files on disk to Qwen2-VL inputs: rows, videos, frames, patches, prompts; and synthetic data.
 
-transformers' Qwen2-VL video processor needs torchvision and Pillow, so the few steps it
-performs are written out here: uniform frame sampling, the "smart resize" rule, CLIP
-normalisation and the patch layout the vision tower expects.
-"""
+transformers' Qwen2-VL video processor needs torchvision and Pillow, so its few steps are written out
+here: uniform frame sampling, the "smart resize" rule, CLIP normalisation and the patch layout."""
 import glob
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -67,13 +65,10 @@ def read_rows(path: str) -> list[dict]:
 
 def expand_paths(patterns: list[str]) -> list[str]:
     """Paths and globs to a sorted list of files; a pattern matching nothing is an error."""
-    paths = []
     for pattern in patterns:
-        matched = sorted(glob.glob(pattern))
-        if not matched:
+        if not glob.glob(pattern):
             raise DataError(f"no data file matches {pattern!r}")
-        paths += matched
-    return paths
+    return [path for pattern in patterns for path in sorted(glob.glob(pattern))]
 
 
 # Each field's accepted types; bool is excluded explicitly (in Python, True is an int).
@@ -82,20 +77,15 @@ KINDS = {str: "a string", (str, int, float): "a string or a number", list: "a li
 
 def row_field(row: dict, names: tuple, where: str, kind=str, required: bool = True):
     """The first of `names` the row sets, checked against `kind`; a missing or mistyped field names the row."""
-    for name in names:
-        value = row.get(name)
-        if value is None:
-            continue
-        wrong = isinstance(value, bool) or not isinstance(value, kind) or (
-            kind is list and not all(isinstance(v, str) for v in value))
-        if wrong:
+    for name, value in ((name, row[name]) for name in names if row.get(name) is not None):
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is list and not all(
+                isinstance(v, str) for v in value)):
             raise DataError(f"{where}: field {name!r} must be {KINDS[kind]}, got {type(value).__name__}" +
                             ("" if isinstance(value, (dict, list)) else f" {value!r:.40}"))
         return value
     if required:
         raise DataError(f"{where}: missing field {names[0]!r}" + (f" (also accepted: {', '.join(names[1:])})"
                                                                   if len(names) > 1 else ""))
-    return None
 
 
 def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> dict:
@@ -141,14 +131,9 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str, errors:
 
 
 def check_videos(samples: list[dict], args, decode: bool, workers: int = 8) -> list[str]:
-    """Problems with the rows' videos, each video checked once, in parallel threads.
-
-    decode False only checks that each file exists (cheap); True runs training's own
-    preprocessing (decode, resize, patches), so a video it passes trains.
-    """
-    first_row = {}
-    for s in samples:
-        first_row.setdefault(s["video"], s["source"])
+    """Problems with the rows' videos, each checked once, in parallel threads. decode False only checks that
+    each file exists (cheap); True runs training's own preprocessing, so a video it passes trains."""
+    first_row = {s["video"]: s["source"] for s in reversed(samples)}
 
     def problem(path: str) -> str | None:
         try:
@@ -173,14 +158,10 @@ class VideoHealth:
 
 def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator,
                health: VideoHealth) -> tuple[list, list, list]:
-    """Decode the videos of `indices`: (rows, videos, failures this step).
-
-    A video that fails is remembered as bad and its row replaced by one whose video decoded
-    before (or, early in a run, any row not known to be bad). After 10 failed tries per row
-    the batch comes back short; the training loop then stops the run, saving first.
-    """
-    loaded, videos, failures = [], [], []
-    candidates = list(indices)
+    """Decode the videos of `indices`: (rows, videos, failures this step). A video that fails is remembered
+    as bad and its row replaced by one whose video decoded before (early in a run, by any not known bad).
+    After 10 failures per row the batch comes back short, and the training loop stops the run, saved."""
+    loaded, videos, failures, candidates = [], [], [], list(indices)
     while len(loaded) < len(indices) and len(failures) < 10 * len(indices):
         index = candidates.pop(0) if candidates else replacement_row(samples, health, rng)
         if index is None:
@@ -210,19 +191,15 @@ def replacement_row(samples: list[dict], health: VideoHealth, rng: np.random.Gen
 def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples: int, seed: int) -> list[int]:
     """The rows process `rank` trains on at `step`: a fresh seeded shuffle of the data every epoch."""
     positions = [(step * world + rank) * batch_size + j for j in range(batch_size)]
-    order = {}
-    for epoch in {p // num_samples for p in positions}:
-        order[epoch] = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    order = {epoch: np.random.default_rng([seed, epoch]).permutation(num_samples)
+             for epoch in {p // num_samples for p in positions}}
     return [int(order[p // num_samples][p % num_samples]) for p in positions]
 
 
 # ----------------------------------------------------------------------------- video
 def sample_times(times: np.ndarray, num_frames: int) -> np.ndarray:
-    """The frame timestamps nearest to `num_frames` instants spread evenly from first to last frame.
-
-    By time, not frame number, so variable-frame-rate video is sampled evenly too; a video with
-    fewer frames than asked repeats some.
-    """
+    """The frame timestamps nearest to `num_frames` instants spread evenly from first to last frame. By time,
+    not frame number, so variable-frame-rate video is sampled evenly too; a short video repeats frames."""
     instants = np.linspace(times[0], times[-1], num_frames)
     return times[np.abs(times[None, :] - instants[:, None]).argmin(1)]
 
@@ -235,16 +212,14 @@ def read_frames(path: str, num_frames: int) -> np.ndarray:
         with av.open(path) as container:
             # Demuxing reads every frame's timestamp without decoding; then decode once, keeping the chosen.
             times = np.array(sorted(p.pts for p in container.demux(video=0) if p.pts is not None))
-            if len(times) == 0:
-                raise DataError(f"video has no frames: {path}")
-            wanted = sample_times(times, num_frames).tolist()
+            wanted = sample_times(times, num_frames).tolist() if len(times) else []
             container.seek(0)
             decoded = {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(video=0) if f.pts in wanted}
     except (av.FFmpegError, IndexError, ValueError) as e:
         raise DataError(f"cannot decode video {path}: {e}") from None
-    missing = set(wanted) - set(decoded)
-    if missing:
-        raise DataError(f"cannot decode video {path}: {len(missing)} frame(s) unreadable (truncated file?)")
+    if not wanted or set(wanted) - set(decoded):
+        raise DataError(f"cannot decode video {path}: {len(set(wanted) - set(decoded)) if wanted else 'no'} frame(s) "
+                        "readable of those chosen (truncated file?)")
     return np.stack([decoded[t] for t in wanted])
 
 
@@ -281,11 +256,9 @@ def video_patches(frames: np.ndarray, max_pixels: int) -> tuple[torch.Tensor, to
 
 
 def patchify(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, 3, H, W] (H, W multiples of 28) to ([t*h*w, 3*2*14*14], [t, h, w]) in patch units.
-
-    t = ceil(T / 2): the tower embeds frames in pairs, so an odd last frame is repeated.
-    Rows are ordered so that each 2x2 block of patches the merger fuses into one token is contiguous.
-    """
+    """[T, 3, H, W] (H, W multiples of 28) to ([t*h*w, 3*2*14*14], [t, h, w]) in patch units. t = ceil(T / 2):
+    the tower embeds frames in pairs (an odd last frame is repeated). Each 2x2 block of patches that the
+    merger fuses into one token is contiguous."""
     if len(video) % TEMPORAL_PATCH:
         video = torch.cat([video, video[-1:]])
     t, h, w = len(video) // TEMPORAL_PATCH, video.shape[2] // PATCH, video.shape[3] // PATCH
@@ -306,11 +279,8 @@ def question_text(sample: dict) -> str:
 
 
 def prompt_ids(tokenizer, text: str, video_grid_thw: torch.Tensor, video_token_id: int) -> list[int]:
-    """Token ids of the chat prompt, its one video placeholder expanded to t*h*w/4 video tokens.
-
-    Nothing is ever truncated: cutting through the video tokens would leave the vision
-    tower's features without places to go.
-    """
+    """Token ids of the chat prompt, its one video placeholder expanded to t*h*w/4 video tokens. Nothing is
+    ever truncated: cutting through the video tokens would leave the tower's features without places."""
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
         chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -320,16 +290,12 @@ def prompt_ids(tokenizer, text: str, video_grid_thw: torch.Tensor, video_token_i
     if ids.count(video_token_id) != 1:
         raise DataError(f"the chat prompt must hold exactly one video placeholder, found {ids.count(video_token_id)}")
     at = ids.index(video_token_id)
-    num_video_tokens = int(video_grid_thw.prod()) // MERGE**2
-    return ids[:at] + [video_token_id] * num_video_tokens + ids[at + 1:]
+    return ids[:at] + [video_token_id] * (int(video_grid_thw.prod()) // MERGE**2) + ids[at + 1:]
 
 
 def benchmark_prompt(sample: dict, prompt_mode: str) -> str:
-    """VSI-Bench's prompt: pre-prompt, question, options one per line, post-prompt.
-
-    vanilla is the benchmark's own protocol; think / observe swap in the training instruction
-    (the paper's T and O columns).
-    """
+    """VSI-Bench's prompt: pre-prompt, question, options one per line, post-prompt. vanilla is the benchmark's
+    own protocol; think / observe swap in the training instruction (the paper's T and O columns)."""
     lines = ["These are frames of a video.", sample["question"]]
     if sample["question_type"] in NUMERIC_TYPES:
         post = "Please answer the question using a single word or phrase."
@@ -364,15 +330,14 @@ def synthetic_question(question_type: str, rng: np.random.Generator) -> tuple[di
     names = list(OBJECT_COLOURS)
     free = [(int(c) // GRID, int(c) % GRID) for c in rng.permutation(GRID * GRID)]
     if question_type == "object_counting":
-        target = str(rng.choice(names))
-        count = int(rng.integers(1, 5))
+        target, count = str(rng.choice(names)), int(rng.integers(1, 5))
         cells = {target: free[:count], str(rng.choice([n for n in names if n != target])): free[count:count + 2]}
         return cells, f"How many {target}(s) are in this room?", str(count)
     a, b, c, d = (str(n) for n in rng.permutation(names))
     if question_type == "object_colour":  # one large object (2x2 cells), so its colour fills whole video tokens
         row, col = (int(x) for x in rng.integers(0, GRID - 1, 2))
-        cells = {a: [(row, col), (row + 1, col), (row, col + 1), (row + 1, col + 1)]}
-        return cells, "What colour is the object in this room?", COLOUR_NAMES[a]
+        return ({a: [(row + i, col + j) for j in (0, 1) for i in (0, 1)]}, "What colour is the object in this room?",
+                COLOUR_NAMES[a])
     if question_type == "object_rel_direction":
         other = next(cell for cell in free if cell[1] != free[0][1])  # a different column
         answer = "left" if free[0][1] < other[1] else "right"
@@ -387,7 +352,7 @@ def synthetic_question(question_type: str, rng: np.random.Generator) -> tuple[di
     raise ValueError(f"unknown synthetic question type {question_type!r}")
 
 
-def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:
+def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:  # near-lossless H.264
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": "10"})
@@ -399,19 +364,14 @@ def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:
 
 def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num_frames: int = 8,
                             question_types: tuple = SYNTHETIC_TYPES, name: str = "train", scale: int = 1) -> str:
-    """Write videos under out_dir/videos and rows to out_dir/{name}.jsonl; returns the JSONL path.
-
-    Rows use VSI-Bench's field names, so --video-root out_dir/videos reads them back. `scale`
-    enlarges the frames (4: 448x448, enough to fill Qwen2-VL's usual pixel budget).
-    """
-    rng = np.random.default_rng(seed)
-    rows = []
+    """Write videos under out_dir/videos and rows, in VSI-Bench's field names, to out_dir/{name}.jsonl (the path
+    returned). `scale` enlarges the frames (4: 448x448, enough to fill Qwen2-VL's usual pixel budget)."""
+    rng, rows = np.random.default_rng(seed), []
     for i in range(num_questions):
-        question_type = question_types[i % len(question_types)]
+        question_type, scene = question_types[i % len(question_types)], f"{name}_{i:05d}"
         cells, question, answer = synthetic_question(question_type, rng)
-        scene = f"{name}_{i:05d}"
-        frames = draw_scene(cells, num_frames, rng).repeat(scale, 1).repeat(scale, 2)
-        write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"), frames)
+        write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"),
+                    draw_scene(cells, num_frames, rng).repeat(scale, 1).repeat(scale, 2))
         rows.append({"id": scene, "dataset": "synthetic", "scene_name": scene, "question_type": question_type,
                      "question": question, "ground_truth": answer, "options": []})
     path = os.path.join(out_dir, f"{name}.jsonl")

@@ -4,14 +4,10 @@ A reward is a plain function
 
     def my_reward(completions: list[str], samples: list[dict]) -> list[float]
 
-that returns one number per completion. `samples[i]` is the question completion i
-answers (see data.py: "answer", "kind", "question_type", "prompt_mode", ...). Register it
-with @reward("name") and pick it on the command line:
-
-    --rewards accuracy my_reward --reward-weights 1 0.5
-
-The total reward of a completion is the weighted sum (vsGRPO section 3.3). Nothing here
-may raise on odd model output: every completion gets a number.
+that returns one number per completion. `samples[i]` is the question completion i answers (see
+data.py: "answer", "kind", "question_type", "prompt_mode", ...). Register it with @reward("name")
+and pick it with `--rewards accuracy my_reward --reward-weights 1 0.5`. The total reward of a
+completion is the weighted sum (vsGRPO section 3.3). Nothing here may raise on odd model output.
 """
 import math
 import re
@@ -41,11 +37,7 @@ ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def extract_answer(text: str, prompt_mode: str = "think") -> str:
-    """The text of the last <answer>...</answer>; in vanilla mode the whole completion.
-
-    >>> extract_answer("<think>a</think><answer> 3 </answer>")
-    '3'
-    """
+    """The text of the last <answer>...</answer>; in vanilla mode the whole completion."""
     if prompt_mode == "vanilla":
         return text.strip()
     answers = ANSWER_TAG.findall(text)
@@ -74,10 +66,8 @@ MRA_THRESHOLDS = np.linspace(0.50, 0.95, 10)
 
 
 def mean_relative_accuracy(pred: float, target: float) -> float:
-    """VSI-Bench's Mean Relative Accuracy of one numeric prediction, in [0, 1].
-
-    A target of 0 has no relative error; we score an exact 0 as 1 and anything else as 0.
-    """
+    """VSI-Bench's Mean Relative Accuracy of one numeric prediction, in [0, 1]. A target of 0 has no
+    relative error: we score an exact 0 as 1 and anything else as 0."""
     if target == 0:
         return float(pred == 0)
     relative_error = abs(pred - target) / abs(target)
@@ -153,10 +143,7 @@ BENCHMARK_TYPES = {t for types in BENCHMARK_TASKS.values() for t in types}
 
 
 def clean_prediction(raw: str, prompt_mode: str = "vanilla") -> str:
-    """VSI-Bench's clean-up: the text up to the first space, trailing periods stripped.
-
-    In think / observe mode the <answer> content is cleaned instead of the whole output.
-    """
+    """VSI-Bench's clean-up of the raw output (in think / observe mode, of its <answer>)."""
     return first_word(raw if prompt_mode == "vanilla" else extract_answer(raw, prompt_mode))
 
 
@@ -172,11 +159,8 @@ def task_scores(predictions: list[dict]) -> dict[str, float]:
     by_type: dict[str, list[float]] = {}
     for p in predictions:
         by_type.setdefault(p["question_type"], []).append(p["score"])
-    scores = {}
-    for task, types in BENCHMARK_TASKS.items():
-        type_means = [float(np.mean(by_type[t])) for t in types if t in by_type]
-        if type_means:
-            scores[task] = float(np.mean(type_means))
+    scores = {task: float(np.mean([np.mean(by_type[t]) for t in types if t in by_type]))
+              for task, types in BENCHMARK_TASKS.items() if any(t in by_type for t in types)}
     scores["Avg"] = float(np.mean(list(scores.values()))) if scores else 0.0
     return scores
 

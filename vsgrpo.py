@@ -1,9 +1,8 @@
 """vsGRPO: R1-Zero-style GRPO training of Qwen2-VL on video questions about space (arXiv 2504.00883).
 
-Part I is the method, in the order of the paper's section 3.2: flags, LoRA, the model and its video
-features, log-probs, the rollout (G completions per question, rewards, group-normalised advantages),
-Eq. 1, the optimisation step and train(). The tools follow under a banner of their own: bookkeeping,
-checkpoints, VSI-Bench evaluation, the demo, the benchmark and main(). Rewards are in rewards.py.
+Part I, the method, follows the paper's section 3.2: flags, LoRA, the model and its video features, log-probs,
+the rollout (G completions per question, rewards, advantages), Eq. 1, the optimisation step and train(). The
+tools (bookkeeping, checkpoints, evaluation, demo, benchmark, main) follow under a banner of their own:
 
   accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data "vsi100k/*.json" --video-root scannet
 """
@@ -69,14 +68,11 @@ def method_flags(parser: argparse.ArgumentParser) -> None:
     a("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 for 2B, 5e-6 for 7B (constant: no schedule)")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (our choice)")
     a("--batch-size", type=int, default=1, help="questions per process per step (our choice)")
-    a("--micro-batch-size", type=int, default=14, help="completions of one question per forward and backward, "
-      "packed behind one copy of its prompt (our choice: all G; lower it for long completions)")
+    a("--micro-batch-size", type=int, default=14, help="completions per forward, behind one prompt (ours)")
     a("--max-steps", type=int, default=0, help="optimisation steps (0 = one pass over the data)")
-    a("--lora-rank", type=int, default=64, help="0 = full fine-tuning of the language model (paper: LoRA, rank unstated)")
+    a("--lora-rank", type=int, default=64, help="0: full fine-tuning of the language model (paper: LoRA, rank unstated)")
     a("--lora-alpha", type=float, default=128, help="LoRA scale is alpha / rank (our choice)")
     a("--gradient-checkpointing", action="store_true", help="trade compute for memory (open recipes use it)")
-    a("--straightforward", action="store_true", help="every pass takes each completion with its own copy of the "
-      "prompt and video, and encodes that video again (slow; for the tests and the benchmark)")
     a("--seed", type=int, default=0, help="seeds LoRA initialisation, data order and sampling")
 
 
@@ -99,9 +95,6 @@ class LoRALinear(nn.Linear):
         if self.enabled:
             out = out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
         return out
-
-    def merged_weight(self) -> torch.Tensor:
-        return self.weight + self.scale * (self.lora_B @ self.lora_A)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -148,8 +141,8 @@ def load_model(args, device: torch.device):
     return model, tokenizer
 
 
-def inner(model):
-    return getattr(model, "module", model)  # the policy may be wrapped in DDP
+def inner(model):  # the model that DDP may wrap
+    return getattr(model, "module", model)
 
 
 @dataclass
@@ -177,15 +170,12 @@ def video_token_types(input_ids: torch.Tensor, model) -> torch.Tensor:
     return (2 * (input_ids == inner(model).config.video_token_id)).int()
 
 
-# Every pass of a step (generation, pi_old, pi_ref, pi_theta) sees each question's video G
-# times. The vision tower is frozen in both training modes, so its output for a video cannot
-# change within a step: encode each video once and hand the features to every pass.
+# Each pass of a step (generation, pi_old, pi_ref, pi_theta) needs every question's video. The vision tower
+# is frozen in both training modes, so a video's features cannot change within a step: encode it once.
 @torch.no_grad()
 def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
     """Each distinct video of the batch through the vision tower and merger, once: B x [t*h*w/4, D].
-
-    Questions about the same video (VSI-100k asks many per scene) share its features.
-    """
+    Questions about the same video (VSI-100k asks many per scene) share its features."""
     if any(p.requires_grad for p in inner(model).model.visual.parameters()):  # a fork that trains the tower
         raise RuntimeError("a trainable vision tower changes its features within a step: use --straightforward")
     videos = [s["video"] for s in batch.samples]
@@ -207,18 +197,16 @@ def video_inputs(batch: Batch, questions: list[int]) -> dict:
 
 
 def banned_token_ids(model) -> list[int]:
-    # A sampled video or image placeholder would break the next forward pass (features and
-    # placeholders no longer match), so the policy may not emit them; completion_logps masks
-    # the same tokens, so sampling and training see one distribution.
+    # A sampled video or image placeholder would break the next forward (features and placeholders no
+    # longer match): sampling suppresses them and token_logps masks them, so both see one distribution.
     return [inner(model).config.video_token_id, inner(model).config.image_token_id]
 
 
 # ============================================================================ 4. log-probs
-# A question's G completions share its prompt: about 1,000 video and question tokens at 16 frames,
-# against a few dozen per answer. So one forward takes one question's prompt once with k of its
-# completions packed behind it, [prompt, o_1, ..., o_k]. A 4-D mask lets each completion see the
-# prompt and its own earlier tokens only, and each takes the positions that follow the prompt, as
-# if it stood alone: every log-prob is the one a separate [prompt, o_i] sequence would give.
+# A question's G completions share its prompt: ~1,000 video and question tokens at 16 frames, against
+# a few dozen per answer. So a forward packs k completions behind one copy of the prompt, [prompt, o_1,
+# ..., o_k]. A 4-D mask lets each see the prompt and its own earlier tokens only, and each takes the
+# positions after the prompt: every log-prob is the one a separate [prompt, o_i] sequence would give.
 def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch.Tensor, question: int) -> dict:
     """Model inputs of one sequence [prompt, o_rows...] for `question`; L = P + k*C (P without padding)."""
     prompt = batch.input_ids[question][batch.attention_mask[question].bool()]                   # [P]
@@ -232,8 +220,7 @@ def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch
     order = torch.arange(len(part), device=input_ids.device)
     sees = (order[None] <= order[:, None]) & ((part[None] == 0) | (part[None] == part[:, None]))  # [L, L]
     # Additive, not boolean: eager attention adds the mask, so a boolean one would be silently wrong there.
-    dtype = inner(model).dtype
-    mask = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+    mask = torch.zeros(sees.shape, dtype=inner(model).dtype, device=sees.device).masked_fill(~sees, -torch.inf)
     return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[None, None],
                 mm_token_type_ids=video_token_types(input_ids, model), **video_inputs(batch, [question]))
 
@@ -252,8 +239,7 @@ def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: to
 
 
 def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.Tensor:
-    """log-probs [k, C] of `ids` under logits [k, C, V] divided by the sampling temperature, with the
-    banned tokens masked as in sampling: the distribution the completions came from."""
+    """log-probs [k, C] of `ids` under logits [k, C, V] / temperature, banned tokens masked: as they were sampled."""
     logits = (logits.float() / args.temperature).index_fill(
         -1, torch.tensor(banned_token_ids(model), device=logits.device), float("-inf"))
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
@@ -261,8 +247,8 @@ def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.T
 
 def micro_batches(num_questions: int, args) -> list[torch.Tensor]:
     """The rows of each forward: up to --micro-batch-size completions of one question."""
-    G = args.num_generations
-    return [rows for q in range(num_questions) for rows in torch.arange(q * G, (q + 1) * G).split(args.micro_batch_size)]
+    return [rows for q in range(num_questions) for rows in torch.arange(
+        q * args.num_generations, (q + 1) * args.num_generations).split(args.micro_batch_size)]
 
 
 @torch.no_grad()
@@ -289,15 +275,14 @@ class Rollout:
 
 def eos_token_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
-    return sorted(i for i in set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id} if i is not None)
+    return sorted({*(ids if isinstance(ids, list) else [ids]), tokenizer.eos_token_id} - {None})
 
 
 def generation_config(model, tokenizer, max_new_tokens: int, num_return_sequences: int = 1,
                       temperature: float | None = None) -> GenerationConfig:
     """Sampling from the policy itself at `temperature` (no top-k, no top-p), or greedy when it is None."""
-    # Every field that shapes the distribution is set: generate() fills unset ones from the
-    # checkpoint's generation_config.json (Qwen2-VL ships top_k=1, top_p=0.001, temperature=0.01).
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+    # Every field that shapes it is set: generate() fills unset ones from the checkpoint (Qwen2-VL: top_k=1 ...).
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {"do_sample": False}
     return GenerationConfig(**sampling, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
                             num_return_sequences=num_return_sequences, eos_token_id=eos_token_ids(model, tokenizer),
                             pad_token_id=tokenizer.pad_token_id, suppress_tokens=banned_token_ids(model))
@@ -305,34 +290,29 @@ def generation_config(model, tokenizer, max_new_tokens: int, num_return_sequence
 
 @torch.no_grad()
 def generate(model, batch: Batch, config: GenerationConfig) -> torch.Tensor:
-    """Completions, question-major (q0 x G, q1 x G, ...): [B*G, C].
-
-    Each prompt is prefilled once and its G continuations are sampled from copies of that state.
-    """
-    G, types, grid = config.num_return_sequences, video_token_types(batch.input_ids, model), batch.video_grid_thw
+    """Completions, question-major (q0 x G, q1 x G, ...): [B*G, C]. Each prompt is prefilled once, and
+    its G continuations are sampled from copies of that state."""
+    G, types, videos = config.num_return_sequences, video_token_types(batch.input_ids, model), range(len(batch.samples))
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=types)
-    if G == 1 or batch.video_features is None:  # one answer each, or --straightforward: generate() expands
-        sequences = model.generate(**inputs, **video_inputs(batch, list(range(len(grid)))), generation_config=config)
-        return sequences[:, batch.input_ids.shape[1]:]
-    positions, deltas = model.model.get_rope_index(batch.input_ids, types, video_grid_thw=grid,
-                                                   attention_mask=batch.attention_mask)  # [3, B, P], [B, 1]
-    cache = model(**{k: v[:, :-1] for k, v in inputs.items()}, position_ids=positions[..., :-1], use_cache=True,
-                  **video_inputs(batch, list(range(len(grid))))).past_key_values  # all but the last prompt token
-    cache.batch_repeat_interleave(G)
-    # generate() goes on from the cache, with each copy's rotary offset set explicitly: the model keeps
-    # it from its last call, which was the prefill of B rows, not B*G.
-    model.model.rope_deltas = deltas.repeat_interleave(G, 0)
-    sequences = model.generate(**{k: v.repeat_interleave(G, 0) for k, v in inputs.items()}, past_key_values=cache,
-                               generation_config=GenerationConfig(**{**config.to_dict(), "num_return_sequences": 1}))
-    return sequences[:, batch.input_ids.shape[1]:]
+    if G > 1 and batch.video_features is not None:  # else one answer each, or --straightforward
+        positions, deltas = model.model.get_rope_index(batch.input_ids, types, video_grid_thw=batch.video_grid_thw,
+                                                       attention_mask=batch.attention_mask)  # [3, B, P], [B, 1]
+        cache = model(**{k: v[:, :-1] for k, v in inputs.items()}, position_ids=positions[..., :-1], use_cache=True,
+                      **video_inputs(batch, list(videos))).past_key_values  # all but the last prompt token
+        cache.batch_repeat_interleave(G)
+        # generate() continues from the cache; each copy's rotary offset is set explicitly, since the
+        # model keeps it from its last call (here the prefill of B rows, not B*G).
+        model.model.rope_deltas = deltas.repeat_interleave(G, 0)
+        inputs = {k: v.repeat_interleave(G, 0) for k, v in inputs.items()} | dict(past_key_values=cache)
+        config = GenerationConfig(**{**config.to_dict(), "num_return_sequences": 1})
+    else:
+        inputs |= video_inputs(batch, list(videos))
+    return model.generate(**inputs, generation_config=config)[:, batch.input_ids.shape[1]:]
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask [n, C]: 1 on tokens up to and including the first EOS, 0 after it;
-    truncated [n]: True where no EOS came before the length limit).
-
-    Found by position, not by token id, so the EOS itself counts even when pad == EOS.
-    """
+    """(mask [n, C]: 1 up to and including the first EOS, found by position so that it counts even when
+    pad == EOS; truncated [n]: True where no EOS came within the length limit)."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [n, C]
     length, ended = completion_ids.shape[1], is_eos.any(1)
     first_eos = torch.where(ended, is_eos.int().argmax(1), length)                           # [n]
@@ -340,9 +320,8 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
 
 
 def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """Completion texts up to the first EOS."""
     return tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), mask.sum(1).tolist())],
-                                  skip_special_tokens=True)
+                                  skip_special_tokens=True)  # each up to its first EOS
 
 
 def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -354,17 +333,10 @@ def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4): [B*G] -> [B*G]; exactly 0 for an all-equal group.
-
-    std is the sample std, as in TRL's GRPO, which vsGRPO built on; the 1e-4 keeps the division finite.
-    """
+    std is the sample std, as in TRL's GRPO, which vsGRPO built on; the 1e-4 keeps the division finite."""
     groups = rewards.view(-1, group_size)                                    # [B, G]
     advantages = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
     return torch.where(equal_reward_groups(rewards, group_size)[:, None], 0.0, advantages).view(-1)
-
-
-def reference_model(model, args):
-    """pi_ref for full fine-tuning: a frozen copy, made only when the KL term needs it (LoRA switches adapters off)."""
-    return deepcopy(model).eval().requires_grad_(False) if args.lora_rank == 0 and args.beta > 0 else None
 
 
 def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
@@ -373,8 +345,7 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
     with timed("vision"):
         batch.video_features = None if args.straightforward else encode_videos(policy, batch)
     with timed("generation"):
-        config = generation_config(policy, tokenizer, args.max_completion_length, args.num_generations,
-                                   args.temperature)
+        config = generation_config(policy, tokenizer, args.max_completion_length, args.num_generations, args.temperature)
         completion_ids = generate(policy, batch, config)                      # [B*G, C]
         mask, truncated = completion_mask(completion_ids, config.eos_token_id)
     with timed("scoring"):
@@ -402,11 +373,9 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
 #
 # We minimise -J. The per-token part is grpo_token_loss; the 1/G sum_i 1/|o_i| sum_t is aggregate_loss.
 def grpo_token_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: float, beta: float):
-    """-(clipped surrogate - beta * KL) per token, 0 at padding: [n, C]; also the KL [n, C] and where the clip bites.
-
-    Padded positions hold whatever the model computed there. They are selected away (where),
-    never multiplied by 0: an inf or NaN there would survive a product, in the loss or in exp's gradient.
-    """
+    """-(clipped surrogate - beta * KL) per token, 0 at padding: [n, C]; also the KL [n, C] and where the clip
+    bites. Padding is selected away (where), never multiplied by 0: an inf or NaN the model computed there
+    would survive a product, in the loss or in exp's gradient."""
     real = mask.bool()                                                       # [n, C]
     ratio = torch.exp(torch.where(real, logps - old_logps, 0.0))             # rho, [n, C]
     advantage = advantages.unsqueeze(1)                                      # A, [n, 1]
@@ -422,11 +391,9 @@ def grpo_token_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: flo
 
 
 def aggregate_loss(token_loss, mask, aggregation: str, num_sequences: int, num_tokens: float) -> torch.Tensor:
-    """Sum of this micro-batch's share of the step's loss (the shares of all micro-batches add up to it).
-
-    sequence (Eq. 1): mean over each completion's tokens, then over all completions; short
-    completions weigh more per token. token: every token of the step weighs the same.
-    """
+    """This micro-batch's share of the step's loss (the shares of all micro-batches add up to it). sequence
+    (Eq. 1): mean over each completion's tokens, then over completions, so short completions weigh more per
+    token; token: every token of the step weighs the same."""
     if aggregation == "sequence":
         return (token_loss.sum(1) / mask.sum(1)).sum() / num_sequences
     return token_loss.sum() / num_tokens
@@ -437,16 +404,14 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     """mu optimiser steps on one rollout batch, gradients accumulated over micro-batches."""
     policy.train()  # only switches gradient checkpointing on: Qwen2-VL and our LoRA have no dropout
     num_sequences, num_tokens = len(ro.completion_ids), int(ro.completion_mask.sum())
-    # DDP averages gradients over the W processes. For every token of the step to weigh the same,
-    # each process divides by the step's token count over W, not by its own count.
+    # DDP averages gradients over W processes: each divides by the step's token count / W, not by its own.
     step_tokens = accelerator.reduce(ro.completion_mask.sum(), "sum").item() / accelerator.num_processes
     chunks = [rows.to(ro.completion_ids.device) for rows in micro_batches(len(ro.batch.samples), args)]
     stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
     for _ in range(args.num_iterations):
         for i, rows in enumerate(chunks):
             mask = ro.completion_mask[rows]                                  # [n, C]
-            # DDP averages gradients across processes once, at the last micro-batch.
-            with accelerator.no_sync(model) if i < len(chunks) - 1 else nullcontext():
+            with accelerator.no_sync(model) if i < len(chunks) - 1 else nullcontext():  # all-reduce once, at the last
                 logps = completion_logps(model, ro.batch, ro.completion_ids, ro.completion_mask, rows, args)
                 old_logps = logps.detach() if ro.old_logps is None else ro.old_logps[rows]
                 ref_logps = None if ro.ref_logps is None else ro.ref_logps[rows]
@@ -483,10 +448,9 @@ def train(args) -> nn.Module:
     return run.policy
 
 
-# ====================================================================================================================
-# Part II: the tools. Nothing below is needed to follow a training step. It keeps the run's books, saves, resumes
-# and stops it safely, checks data, evaluates on VSI-Bench, and runs the demo and the benchmark.
-# ====================================================================================================================
+# ================================================== Part II: the tools ==============================================
+# Nothing below is needed to follow a training step. It keeps the run's books, saves, resumes and stops it
+# safely, checks data, evaluates on VSI-Bench, and runs the demo and the benchmark.
 
 # ---------------------------------------------------------------------------- bookkeeping
 PHASES: dict[str, float] = {}  # seconds per phase of the current step: timed() adds, end_step() reads and clears
@@ -625,6 +589,11 @@ class Run:
 MAX_NONFINITE_STEPS = 3  # in a row, then the run stops (our choice)
 
 
+def reference_model(model, args):
+    """pi_ref for full fine-tuning: a frozen copy, made only when the KL term needs it (LoRA switches adapters off)."""
+    return deepcopy(model).eval().requires_grad_(False) if args.lora_rank == 0 and args.beta > 0 else None
+
+
 def checked_samples(args) -> list[dict]:
     """The cheap part of --check-data, before any model loads: every row, and every video file exists.
     Rows whose video is missing are dropped and counted; too many missing stop here."""
@@ -738,8 +707,8 @@ class RunStopped(Exception):
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of a plain Qwen2-VL: each W replaced by W + (alpha / r) B A, adapters dropped."""
     state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    state.update({f"{name}.weight": module.merged_weight().detach() for name, module in model.named_modules()
-                  if isinstance(module, LoRALinear)})
+    state.update({f"{name}.weight": (m.weight + m.scale * (m.lora_B @ m.lora_A)).detach()
+                  for name, m in model.named_modules() if isinstance(m, LoRALinear)})
     return state
 
 
@@ -1274,6 +1243,8 @@ def print_benchmark(results: dict, args, processes: int, steps: int) -> None:
 # ---------------------------------------------------------------------------- the tools' flags, and main
 def tool_flags(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument_group("running, saving and evaluating").add_argument
+    a("--straightforward", action="store_true", help="every pass takes each completion with its own copy of the "
+      "prompt and video, and encodes that video again (slow; for the tests and the benchmark)")
     a("--output-dir", default="runs/vsgrpo", help="metrics.jsonl, args.json and checkpoints go here")
     a("--resume", nargs="?", const="latest", help="continue the run in --output-dir from its newest sound checkpoint, "
       "or from PATH")
