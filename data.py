@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import av
@@ -139,8 +140,8 @@ def check_videos(samples: list[dict], args, decode: bool, workers: int = 8) -> l
         try:
             if not os.path.isfile(path):
                 raise DataError(f"video not found: {path}")
-            if decode:
-                load_video(path, args.num_frames, args.max_pixels)
+            if decode:  # not through load_video's cache: checking a whole data set would only churn it
+                video_patches(read_frames(path, args.num_frames), args.max_pixels)
         except DataError as e:
             return f"{first_row[path]}: {e}"
         return None
@@ -267,8 +268,22 @@ def patchify(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return patches.reshape(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH), torch.tensor([t, h, w])
 
 
+DECODED: OrderedDict = OrderedDict()  # decoded videos, least recently used first
+DECODED_BYTES = 2**30  # at most 1 GiB a process: ~200 videos of 16 frames of 128*28*28 pixels, ~7,000 of the demo's
+
+
 def load_video(path: str, num_frames: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return video_patches(read_frames(path, num_frames), max_pixels)
+    """A video's (pixel_values_videos, video_grid_thw). Decoded videos are kept (questions share scenes),
+    under the file's size and time, so that a file changed on disk is read again."""
+    if not os.path.isfile(path):
+        raise DataError(f"video not found: {path}")
+    key = (path, os.path.getsize(path), os.path.getmtime(path), num_frames, max_pixels)
+    if key not in DECODED:
+        DECODED[key] = video_patches(read_frames(path, num_frames), max_pixels)
+        while sum(pixels.nbytes for pixels, _ in DECODED.values()) > DECODED_BYTES:
+            DECODED.popitem(last=False)
+    DECODED.move_to_end(key)
+    return DECODED[key]
 
 
 # ----------------------------------------------------------------------------- prompt

@@ -348,6 +348,17 @@ def test_missing_and_undecodable_videos_raise_an_error_naming_the_path(tmp_path)
         data.read_frames(broken, 4)
 
 
+def test_a_decoded_video_is_reused_until_its_file_changes(tmp_path):
+    path = str(tmp_path / "gray.mp4")
+    write_gray_video(path, [40] * 4)
+    first = data.load_video(path, 2, 56 * 56)
+    assert data.load_video(path, 2, 56 * 56)[0] is first[0]                  # cached
+    assert first[1].tolist() == [1, 4, 4] and data.load_video(path, 4, 56 * 56)[1].tolist() == [2, 4, 4]
+    write_gray_video(path, [200] * 6)                                        # the file changes on disk
+    again = data.load_video(path, 2, 56 * 56)[0]
+    assert again is not first[0] and again.mean() > first[0].mean()
+
+
 def test_smart_resize_by_hand():
     # 480x640 over budget 100352: scale = sqrt(480*640/100352) = 1.7496; floor(274.3/28)=9, floor(365.8/28)=13
     assert data.smart_resize(480, 640, 128 * 28 * 28) == (9 * 28, 13 * 28)
@@ -514,13 +525,15 @@ def perturbed(model, reference=None):
     return model
 
 
-@pytest.mark.parametrize("lora_rank, mu, checkpointing", [(4, 1, False), (4, 2, True), (0, 2, False), (0, 1, True)])
+# micro-batches of 2: a question's 3 completions in two forwards; of 6: both questions, left-padded, in one.
+@pytest.mark.parametrize("lora_rank, mu, checkpointing, micro", [(4, 1, False, 2), (4, 2, True, 6), (0, 2, False, 6),
+                                                                 (0, 1, True, 2)])
 def test_the_shared_prompt_gives_the_straightforward_paths_samples_log_probs_loss_and_gradients(
-        synthetic, lora_rank, mu, checkpointing):
+        synthetic, lora_rank, mu, checkpointing, micro):
     results = []
     for straightforward in (True, False):
         args = make_args(synthetic, "--lora-rank", str(lora_rank), "--lora-alpha", "8", "-G", "3", "--rewards",
-                         "length", "--num-iterations", str(mu), "--micro-batch-size", "2", "--beta", "0.1",
+                         "length", "--num-iterations", str(mu), "--micro-batch-size", str(micro), "--beta", "0.1",
                          *["--gradient-checkpointing"] * checkpointing, *["--straightforward"] * straightforward)
         torch.manual_seed(0)
         model, tokenizer = vsgrpo.load_model(args, torch.device("cpu"))

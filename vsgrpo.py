@@ -68,7 +68,7 @@ def method_flags(parser: argparse.ArgumentParser) -> None:
     a("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 for 2B, 5e-6 for 7B (constant: no schedule)")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (our choice)")
     a("--batch-size", type=int, default=1, help="questions per process per step (our choice)")
-    a("--micro-batch-size", type=int, default=14, help="completions per forward, behind one prompt (ours)")
+    a("--micro-batch-size", type=int, default=14, help="completions per forward; a question's share one prompt (ours)")
     a("--max-steps", type=int, default=0, help="optimisation steps (0 = one pass over the data)")
     a("--lora-rank", type=int, default=64, help="0: full fine-tuning of the language model (paper: LoRA, rank unstated)")
     a("--lora-alpha", type=float, default=128, help="LoRA scale is alpha / rank (our choice)")
@@ -141,10 +141,6 @@ def load_model(args, device: torch.device):
     return model, tokenizer
 
 
-def inner(model):  # the model that DDP may wrap
-    return getattr(model, "module", model)
-
-
 @dataclass
 class Batch:
     """B questions, prompts left-padded (generation appends on the right)."""
@@ -165,8 +161,7 @@ def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, vide
                  torch.stack([thw for _, thw in videos]).to(device))
 
 
-def video_token_types(input_ids: torch.Tensor, model) -> torch.Tensor:
-    """mm_token_type_ids: 2 on video tokens, 0 elsewhere (Qwen2-VL's 3-D rotary positions need it)."""
+def video_token_types(input_ids: torch.Tensor, model) -> torch.Tensor:  # mm_token_type_ids: 2 on video tokens
     return (2 * (input_ids == inner(model).config.video_token_id)).int()
 
 
@@ -207,35 +202,42 @@ def banned_token_ids(model) -> list[int]:
 # a few dozen per answer. So a forward packs k completions behind one copy of the prompt, [prompt, o_1,
 # ..., o_k]. A 4-D mask lets each see the prompt and its own earlier tokens only, and each takes the
 # positions after the prompt: every log-prob is the one a separate [prompt, o_i] sequence would give.
-def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch.Tensor, question: int) -> dict:
-    """Model inputs of one sequence [prompt, o_rows...] for `question`; L = P + k*C (P without padding)."""
-    prompt = batch.input_ids[question][batch.attention_mask[question].bool()]                   # [P]
-    (k, C), P = completion_ids[rows].shape, len(prompt)
-    input_ids = torch.cat([prompt, completion_ids[rows].flatten()])[None]                       # [1, L]
-    alone = input_ids[:, :P + C]                                                                 # [prompt, o_1]
-    positions, _ = inner(model).model.get_rope_index(alone, video_token_types(alone, model),    # [3, 1, P + C]
-                                                     video_grid_thw=batch.video_grid_thw[[question]])
-    position_ids = torch.cat([positions[..., :P], positions[..., P:].repeat(1, 1, k)], -1)       # [3, 1, L]
-    part = torch.cat([torch.zeros(P), torch.arange(1, k + 1).repeat_interleave(C)]).to(input_ids.device)  # [L]
-    order = torch.arange(len(part), device=input_ids.device)
-    sees = (order[None] <= order[:, None]) & ((part[None] == 0) | (part[None] == part[:, None]))  # [L, L]
+def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch.Tensor, G: int) -> dict:
+    """Model inputs of one forward: per question of `rows`, one sequence [prompt, its completions] (the
+    batch's own padding dropped), left-padded to a common length L so that all end with their completions."""
+    ids, positions, parts = [], [], []
+    for q in (rows // G).unique().tolist():
+        prompt, answers = batch.input_ids[q][batch.attention_mask[q].bool()], completion_ids[rows[rows // G == q]]
+        (k, C), P = answers.shape, len(prompt)                                                   # answers [k, C]
+        ids.append(torch.cat([prompt, answers.flatten()]))                                       # [P + k*C]
+        alone = ids[-1][None, :P + C]                                                            # [prompt, o_1]
+        position, _ = inner(model).model.get_rope_index(alone, video_token_types(alone, model),  # [3, 1, P + C]
+                                                        video_grid_thw=batch.video_grid_thw[[q]])
+        positions.append(torch.cat([position[..., :P], position[..., P:].repeat(1, 1, k)], -1)[:, 0])
+        parts.append(torch.cat([torch.zeros(P), torch.arange(1, k + 1).repeat_interleave(C)]).to(prompt.device))
+    left = lambda x, value: F.pad(x, (max(map(len, ids)) - x.shape[-1], 0), value=value)
+    input_ids, part = torch.stack([left(x, 0) for x in ids]), torch.stack([left(x, -1) for x in parts])  # [n, L]
+    order = torch.arange(part.shape[1], device=part.device)                # part: 0 prompt, j o_j, -1 padding
+    sees = (order[None] <= order[:, None]) & ((part[:, None] == 0) | (part[:, None] == part[:, :, None]))  # [n, L, L]
     # Additive, not boolean: eager attention adds the mask, so a boolean one would be silently wrong there.
     mask = torch.zeros(sees.shape, dtype=inner(model).dtype, device=sees.device).masked_fill(~sees, -torch.inf)
-    return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=mask[None, None],
-                mm_token_type_ids=video_token_types(input_ids, model), **video_inputs(batch, [question]))
+    return dict(input_ids=input_ids, position_ids=torch.stack([left(x, 0) for x in positions], 1),  # [3, n, L]
+                attention_mask=mask[:, None], mm_token_type_ids=video_token_types(input_ids, model),
+                **video_inputs(batch, (rows // G).unique().tolist()))
 
 
 def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
                      args) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) of each token of completions `rows` (all of one question), WITH the video: [k, C]."""
+    """log pi(o_t | q, o_<t) of each token of completions `rows`, k of each question, WITH the video: [n, C]."""
     if batch.video_features is None:  # --straightforward: each completion with its own copy of prompt and video
         return straightforward_logps(model, batch, completion_ids, mask, rows, args)
-    (k, C), question = completion_ids[rows].shape, int(rows[0]) // args.num_generations
-    logits = model(**packed_inputs(model, batch, completion_ids, rows, question), use_cache=False,
-                   logits_to_keep=k * C + 1).logits[0]                                           # [1 + k*C, V]
+    n, C = completion_ids[rows].shape
+    k = n // len((rows // args.num_generations).unique())
+    logits = model(**packed_inputs(model, batch, completion_ids, rows, args.num_generations), use_cache=False,
+                   logits_to_keep=k * C + 1).logits                                              # [n/k, 1 + k*C, V]
     # o_j's token t is predicted at the prompt's last position (t = 0), else at o_j's token t - 1.
     at = torch.arange(C, device=logits.device) + C * torch.arange(k, device=logits.device)[:, None]
-    return token_logps(logits[at.masked_fill(at % C == 0, 0)], completion_ids[rows], model, args)
+    return token_logps(logits[:, at.masked_fill(at % C == 0, 0)].flatten(0, 1), completion_ids[rows], model, args)
 
 
 def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.Tensor:
@@ -246,9 +248,11 @@ def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.T
 
 
 def micro_batches(num_questions: int, args) -> list[torch.Tensor]:
-    """The rows of each forward: up to --micro-batch-size completions of one question."""
-    return [rows for q in range(num_questions) for rows in torch.arange(
-        q * args.num_generations, (q + 1) * args.num_generations).split(args.micro_batch_size)]
+    """The rows of each forward: --micro-batch-size completions, whole questions when it is G or more."""
+    G, size = args.num_generations, args.micro_batch_size
+    if size >= G:
+        return list(torch.arange(num_questions * G).split(size // G * G))
+    return [rows for q in range(num_questions) for rows in torch.arange(q * G, (q + 1) * G).split(size)]
 
 
 @torch.no_grad()
@@ -271,11 +275,6 @@ class Rollout:
     advantages: torch.Tensor        # [B*G]
     old_logps: torch.Tensor | None  # [B*G, C], pi_old; None when mu = 1 (then pi_old = pi_theta)
     ref_logps: torch.Tensor | None  # [B*G, C], pi_ref; None when beta = 0
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    return sorted({*(ids if isinstance(ids, list) else [ids]), tokenizer.eos_token_id} - {None})
 
 
 def generation_config(model, tokenizer, max_new_tokens: int, num_return_sequences: int = 1,
@@ -679,6 +678,16 @@ def print_completions(ro, args) -> None:
     for i in range(args.num_generations):
         rewards = " ".join(f"{name}={ro.rewards[name][i].item():.2f}" for name in args.rewards)
         print(f"  [{rewards} A={ro.advantages[i].item():+.2f}] {ro.completions[i]!r}")
+
+
+# ---------------------------------------------------------------------------- small helpers of the method
+def inner(model):  # the model that DDP may wrap
+    return getattr(model, "module", model)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    return sorted({*(ids if isinstance(ids, list) else [ids]), tokenizer.eos_token_id} - {None})
 
 
 # ---------------------------------------------------------------------------- the straightforward path
@@ -1133,10 +1142,11 @@ def build_random_model(path: str, texts: list[str], size: str = "tiny", seed: in
 
 
 def synthetic_setup(out: str, size: str, num_questions: int, seed: int = 0, **video) -> list[dict]:
-    """Synthetic rows and videos under `out`, and a random model of `size` over their words in out/model."""
+    """Synthetic rows and videos under `out`, and a random model of `size` over their words in out/model.
+    The prompts' instructions stay out of the vocabulary: fewer words, more right guesses to learn from."""
     rows = read_rows(write_synthetic_dataset(out, num_questions, seed, **video))
     build_random_model(os.path.join(out, "model"), [r["question"] + " " + r["ground_truth"] for r in rows] +
-                       list(PROMPTS.values()) + ["system you are a helpful assistant user"], size)
+                       ["system you are a helpful assistant user"], size)
     return rows
 
 
