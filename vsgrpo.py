@@ -68,9 +68,9 @@ def method_flags(parser: argparse.ArgumentParser) -> None:
     a("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 for 2B, 5e-6 for 7B (constant: no schedule)")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (our choice)")
     a("--batch-size", type=int, default=1, help="questions per process per step (our choice)")
-    a("--micro-batch-size", type=int, default=14, help="completions per forward; a question's share one prompt (ours)")
+    a("--micro-batch-size", type=int, default=14, help="completions per forward, behind their prompt (ours)")
     a("--max-steps", type=int, default=0, help="optimisation steps (0 = one pass over the data)")
-    a("--lora-rank", type=int, default=64, help="0: full fine-tuning of the language model (paper: LoRA, rank unstated)")
+    a("--lora-rank", type=int, default=64, help="0: full fine-tuning of the language model (paper: LoRA, rank unsaid)")
     a("--lora-alpha", type=float, default=128, help="LoRA scale is alpha / rank (our choice)")
     a("--gradient-checkpointing", action="store_true", help="trade compute for memory (open recipes use it)")
     a("--seed", type=int, default=0, help="seeds LoRA initialisation, data order and sampling")
@@ -281,8 +281,8 @@ def generation_config(model, tokenizer, max_new_tokens: int, num_return_sequence
                       temperature: float | None = None) -> GenerationConfig:
     """Sampling from the policy itself at `temperature` (no top-k, no top-p), or greedy when it is None."""
     # Every field that shapes it is set: generate() fills unset ones from the checkpoint (Qwen2-VL: top_k=1 ...).
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {"do_sample": False}
-    return GenerationConfig(**sampling, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+    mode = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {"do_sample": False}
+    return GenerationConfig(**mode, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
                             num_return_sequences=num_return_sequences, eos_token_id=eos_token_ids(model, tokenizer),
                             pad_token_id=tokenizer.pad_token_id, suppress_tokens=banned_token_ids(model))
 
@@ -344,7 +344,8 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
     with timed("vision"):
         batch.video_features = None if args.straightforward else encode_videos(policy, batch)
     with timed("generation"):
-        config = generation_config(policy, tokenizer, args.max_completion_length, args.num_generations, args.temperature)
+        config = generation_config(policy, tokenizer, args.max_completion_length, args.num_generations,
+                                   args.temperature)
         completion_ids = generate(policy, batch, config)                      # [B*G, C]
         mask, truncated = completion_mask(completion_ids, config.eos_token_id)
     with timed("scoring"):
@@ -468,7 +469,7 @@ def make_accelerator(report_to: str = "none") -> Accelerator:
     # Accelerator() alone picks no process group on a CPU, so each process would train alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=None if report_to == "none" else report_to)
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
-        raise RuntimeError(f"launched {os.environ['WORLD_SIZE']} processes, accelerate sees {accelerator.num_processes}")
+        raise RuntimeError(f"launched {os.environ['WORLD_SIZE']} processes; accelerate sees {accelerator.num_processes}")
     return accelerator
 
 
