@@ -465,9 +465,10 @@ def timed(phase: str):
     PHASES[phase] = PHASES.get(phase, 0.0) + time.perf_counter() - start
 
 
-def make_accelerator(report_to: str = "none") -> Accelerator:
+def make_accelerator(report_to: str = "none", output_dir: str | None = None) -> Accelerator:
     # Accelerator() alone picks no process group on a CPU, so each process would train alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=None if report_to == "none" else report_to)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=None if report_to == "none" else report_to,
+                              project_dir=output_dir)  # where tensorboard writes
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         raise RuntimeError(f"launched {os.environ['WORLD_SIZE']} processes; accelerate sees {accelerator.num_processes}")
     return accelerator
@@ -483,7 +484,7 @@ class Run:
         self.eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)[:args.eval_limit or None] \
             if args.eval_every else []
         check_model(args.model)
-        self.accelerator = accelerator = make_accelerator(args.report_to)
+        self.accelerator = accelerator = make_accelerator(args.report_to, args.output_dir)
         main, world = accelerator.is_main_process, accelerator.num_processes
         try:
             resume_from = None  # one process looks and claims the directory; all go on from what it found
