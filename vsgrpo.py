@@ -1001,9 +1001,11 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
     # VSI-Bench decodes 16 new tokens; a think or observe prompt needs the training length.
     max_new = 16 if benchmark and args.eval_prompt == "vanilla" else args.max_completion_length
     config, predictions, skipped = generation_config(policy, tokenizer, max_new), [], []
+    tty = sys.stdout.isatty()
     for start in range(0, len(indices), args.eval_batch_size):
-        if show_progress:
-            print(f"\r  evaluated {start} of this process's {len(indices)} questions", end="", flush=True)
+        if show_progress and (tty or start % (50 * args.eval_batch_size) == 0):  # piped: a whole line now and then
+            print(("\r" if tty else "") + f"  evaluated {start} of this process's {len(indices)} questions",
+                  end="" if tty else "\n", flush=True)
         chunk = []  # videos are decoded a batch at a time: all of VSI-Bench's would not fit in memory
         for i in indices[start:start + args.eval_batch_size]:
             try:
@@ -1025,7 +1027,7 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
                                 "raw_output": raw, "prediction": prediction, "ground_truth": row["answer"],
                                 "score": (benchmark_score if benchmark else answer_score)(prediction, row)})
     if show_progress:
-        print(f"\r  evaluated {len(indices)} of this process's {len(indices)} questions")
+        print(("\r" if tty else "") + f"  evaluated {len(indices)} of this process's {len(indices)} questions")
     return predictions, skipped
 
 
