@@ -241,7 +241,7 @@ def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: to
 
 
 def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.Tensor:
-    """log-probs [k, C] of `ids` under logits [k, C, V] / temperature, banned tokens masked: as they were sampled."""
+    """log-probs [n, C] of `ids` under logits [n, C, V] / temperature, banned tokens masked: as they were sampled."""
     logits = (logits.float() / args.temperature).index_fill(
         -1, torch.tensor(banned_token_ids(model), device=logits.device), float("-inf"))
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
