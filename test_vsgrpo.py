@@ -1527,3 +1527,18 @@ def test_check_data_runs_trainings_preprocessing_so_what_it_passes_trains(tmp_pa
     assert stop.value.code == 1
     out = capsys.readouterr().out
     assert "1 missing or undecodable videos" in out and "aspect ratio 16x4000 is beyond Qwen2-VL's limit" in out
+
+
+def test_a_stop_right_after_resuming_into_another_directory_saves_its_checkpoint_there(synthetic, tmp_path, capsys):
+    videos = copy_dataset(synthetic, tmp_path)
+    flags = lambda out, *extra: [*training_flags(synthetic, out, "--log-completions-every", "0", *extra),
+                                 "--video-root", videos]
+    vsgrpo.main(flags(tmp_path / "a", "--max-steps", "2", "--save-every", "2"))
+    vsgrpo.main(flags(tmp_path / "b", "--max-steps", "1", "--save-every", "1"))     # b holds another checkpoint
+    for name in os.listdir(os.path.join(videos, "synthetic")):                       # every video breaks
+        open(os.path.join(videos, "synthetic", name), "r+b").truncate(1500)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main(flags(tmp_path / "b", "--max-steps", "4", "--resume", str(tmp_path / "a" / "checkpoint-000002")))
+    assert stop.value.code == 1 and f"saved {tmp_path / 'b' / 'checkpoint-000002'}" in capsys.readouterr().err
+    assert vsgrpo.checkpoint_problem(str(tmp_path / "b" / "checkpoint-000002")) is None

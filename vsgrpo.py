@@ -205,8 +205,8 @@ def banned_token_ids(model) -> list[int]:
 def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch.Tensor, G: int) -> dict:
     """Model inputs of one forward: per question of `rows`, one sequence [prompt, its completions] (the
     batch's own padding dropped), left-padded to a common length L so that all end with their completions."""
-    ids, positions, parts = [], [], []
-    for q in (rows // G).unique().tolist():
+    ids, positions, parts, questions = [], [], [], (rows // G).unique().tolist()
+    for q in questions:
         prompt, answers = batch.input_ids[q][batch.attention_mask[q].bool()], completion_ids[rows[rows // G == q]]
         (k, C), P = answers.shape, len(prompt)                                                   # answers [k, C]
         ids.append(torch.cat([prompt, answers.flatten()]))                                       # [P + k*C]
@@ -223,7 +223,7 @@ def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch
     mask = torch.zeros(sees.shape, dtype=inner(model).dtype, device=sees.device).masked_fill(~sees, -torch.inf)
     return dict(input_ids=input_ids, position_ids=torch.stack([left(x, 0) for x in positions], 1),  # [3, n, L]
                 attention_mask=mask[:, None], mm_token_type_ids=video_token_types(input_ids, model),
-                **video_inputs(batch, (rows // G).unique().tolist()))
+                **video_inputs(batch, questions))
 
 
 def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
@@ -509,7 +509,9 @@ class Run:
             release_lock(self.lock)
             raise
         self.steps = args.max_steps or max(1, len(self.samples) // (args.batch_size * world))
-        self.last_saved, self.nonfinite_in_a_row, self.health = self.start, 0, VideoHealth()
+        # The newest checkpoint in this directory; decided from flags alone, so that every process agrees.
+        here = resume_from and os.path.dirname(os.path.abspath(resume_from)) == os.path.abspath(args.output_dir)
+        self.last_saved, self.nonfinite_in_a_row, self.health = self.start if here else -1, 0, VideoHealth()
         if main:
             keep_metrics_up_to(os.path.join(args.output_dir, "metrics.jsonl"), self.start)
             if not resume_from:
@@ -572,7 +574,7 @@ class Run:
         self.encodings["videos"] = 0
 
     def save(self, step: int) -> str:
-        if step > self.last_saved or not checkpoints(self.args.output_dir):
+        if step > self.last_saved:
             save_checkpoint(self.accelerator, self.policy, self.optimizer, self.tokenizer, self.args, step)
             self.last_saved = step
         return os.path.join(self.args.output_dir, f"checkpoint-{step:06d}")
@@ -607,8 +609,7 @@ def checked_samples(args) -> list[dict]:
         raise DataError(f"{len(missing)} of {videos} videos missing, over --max-bad-video-fraction "
                         f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(missing[:10]))
     if missing:
-        gone = {problem.split("video not found: ")[-1] for problem in missing}
-        samples = [s for s in samples if s["video"] not in gone]
+        samples = [s for s in samples if os.path.isfile(s["video"])]
         print(f"warning: {len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
               "\n  ".join(missing[:10]), file=sys.stderr)
     return samples
@@ -757,11 +758,12 @@ def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) 
         error = None
     except Exception as e:  # a full disk: OSError, or safetensors' own error type
         error = f"{type(e).__name__}: {e}"
-    if any(gather_object([error])):
+    errors = [e for e in gather_object([error]) if e]  # one collective: every process learns of any failure
+    if errors:
         if main:
             shutil.rmtree(partial, ignore_errors=True)
-        raise RunStopped(f"could not write {final}: {next(e for e in gather_object([error]) if e)}. Its partial files "
-                         f"were removed; the last complete checkpoint is {(checkpoints(args.output_dir) or ['none'])[-1]}")
+        raise RunStopped(f"could not write {final}: {errors[0]}. Its partial files were removed; "
+                         f"the last complete checkpoint is {(checkpoints(args.output_dir) or ['none'])[-1]}")
     if main:
         os.rename(partial, final)
         for old in checkpoints(args.output_dir)[:-args.keep]:
