@@ -4,11 +4,11 @@ transformers' Qwen2-VL video processor needs torchvision and Pillow, so its few 
 here: uniform frame sampling, the "smart resize" rule, CLIP normalisation and the patch layout."""
 import glob
 import json
-from concurrent.futures import ThreadPoolExecutor
 import math
 import os
 import sys
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import av
@@ -42,26 +42,21 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- rows
-# Accepted spellings of each field: VSI-Bench's names first, then the problem/solution/path
-# style of open R1-V-like recipes.
-FIELDS = {"question": ("question", "problem"), "answer": ("ground_truth", "solution", "answer")}
-
-
 def read_rows(path: str) -> list[dict]:
     """Rows of a JSON list or a JSONL file; a parse error names the line of the file."""
     with open(path) as f:
         text = f.read()
-    is_list = text.lstrip().startswith("[")
     # (lines before the chunk, chunk): a JSON list is one chunk, a JSONL file one per line
+    is_list = text.lstrip().startswith("[")
     chunks = [(0, text)] if is_list else [(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     rows = []
     for lines_before, chunk in chunks:
         try:
-            parsed = json.loads(chunk)
+            rows.append(json.loads(chunk))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {lines_before + e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-        rows += parsed if is_list else [parsed]
-    return rows
+            raise DataError(f"{path} line {lines_before + e.lineno}: not valid JSON ({e.msg}, column {e.colno})") \
+                from None
+    return rows[0] if is_list else rows
 
 
 def expand_paths(patterns: list[str]) -> list[str]:
@@ -90,16 +85,18 @@ def row_field(row: dict, names: tuple, where: str, kind=str, required: bool = Tr
 
 
 def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> dict:
-    """One row, in any accepted field spelling, as the sample dict the rest of the code uses."""
+    """One row, in VSI-Bench's field names or the problem/solution/path style of open R1-V-like recipes, as the
+    sample dict the rest of the code uses."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    answer = str(row_field(row, FIELDS["answer"], where, (str, int, float)))
+    answer = str(row_field(row, ("ground_truth", "solution", "answer"), where, (str, int, float)))
     answer = answer.split("<answer>")[-1].split("</answer>")[0].strip()  # "solution" is often tagged
     video = row_field(row, ("path", "video"), where, required=False)
     if video is None:
         if row.get("scene_name") is None or row.get("dataset") is None:
             raise DataError(f"{where}: missing field 'path' (or 'video', or 'dataset' + 'scene_name')")
-        video = f"{row_field(row, ('dataset',), where)}/{row_field(row, ('scene_name',), where)}.mp4"  # VSI-Bench's layout
+        # VSI-Bench's layout
+        video = f"{row_field(row, ('dataset',), where)}/{row_field(row, ('scene_name',), where)}.mp4"
     question_type = row_field(row, ("question_type", "problem_type"), where, required=False) or ""
     # Numeric iff VSI-Bench scores the type with MRA; an untyped row is numeric if its answer is a number.
     number = to_float(answer)
@@ -108,7 +105,7 @@ def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> d
         raise DataError(f"{where}: answer {answer!r} of numeric question type {question_type!r} is not a number")
     return {
         "id": where if row.get("id") is None else row_field(row, ("id",), where, (str, int, float)),  # as given
-        "question": row_field(row, FIELDS["question"], where), "answer": answer, "question_type": question_type,
+        "question": row_field(row, ("question", "problem"), where), "answer": answer, "question_type": question_type,
         "kind": "numeric" if numeric else "word", "options": row_field(row, ("options",), where, list, required=False)
         or [], "video": os.path.join(video_root, video), "prompt_mode": prompt_mode, "source": where,
     }
@@ -131,23 +128,24 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str, errors:
     return samples
 
 
-def check_videos(samples: list[dict], args, decode: bool, workers: int = 8) -> list[str]:
+def check_videos(samples: list[dict], args, decode: bool) -> list[str]:
     """Problems with the rows' videos, each checked once, in parallel threads. decode False only checks that
     each file exists (cheap); True runs training's own preprocessing, so a video it passes trains."""
     first_row = {s["video"]: s["source"] for s in reversed(samples)}
 
     def problem(path: str) -> str | None:
-        try:
-            if not os.path.isfile(path):
-                raise DataError(f"video not found: {path}")
-            if decode:  # not through load_video's cache: checking a whole data set would only churn it
-                video_patches(read_frames(path, args.num_frames), args.max_pixels)
+        try:  # not through load_video's cache: checking a whole data set would only churn it
+            video_patches(read_frames(path, args.num_frames), args.max_pixels) if decode else exists(path)
         except DataError as e:
             return f"{first_row[path]}: {e}"
-        return None
 
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(8) as pool:
         return [p for p in pool.map(problem, first_row) if p]
+
+
+def exists(path: str) -> None:
+    if not os.path.isfile(path):
+        raise DataError(f"video not found: {path}")
 
 
 @dataclass
@@ -160,14 +158,15 @@ class VideoHealth:
 def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator,
                health: VideoHealth) -> tuple[list, list, list]:
     """Decode the videos of `indices`: (rows, videos, failures this step). A video that fails is remembered
-    as bad and its row replaced by one whose video decoded before (early in a run, by any not known bad).
-    After 10 failures per row the batch comes back short, and the training loop stops the run, saved."""
+    as bad, and its row replaced by a random one whose video decoded before (early in a run, by any not known
+    bad). After 10 failures per row the batch comes back short, and the training loop stops the run, saved."""
     loaded, videos, failures, candidates = [], [], [], list(indices)
     while len(loaded) < len(indices) and len(failures) < 10 * len(indices):
-        index = candidates.pop(0) if candidates else replacement_row(samples, health, rng)
-        if index is None:
+        pool = candidates or [i for i, s in enumerate(samples) if s["video"] in health.good] or \
+            [i for i, s in enumerate(samples) if s["video"] not in health.bad]
+        if not pool:
             break  # every video has failed
-        sample = samples[index]
+        sample = samples[candidates.pop(0) if candidates else int(rng.choice(pool))]
         if sample["video"] in health.bad:
             continue  # drawn by the data order; a row known to be good takes its place
         try:
@@ -182,13 +181,6 @@ def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Gen
     return loaded, videos, failures
 
 
-def replacement_row(samples: list[dict], health: VideoHealth, rng: np.random.Generator) -> int | None:
-    """A random row whose video decoded before; early in a run, any row not known to be bad."""
-    good = [i for i, s in enumerate(samples) if s["video"] in health.good]
-    pool = good or [i for i, s in enumerate(samples) if s["video"] not in health.bad]
-    return int(rng.choice(pool)) if pool else None
-
-
 def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples: int, seed: int) -> list[int]:
     """The rows process `rank` trains on at `step`: a fresh seeded shuffle of the data every epoch."""
     positions = [(step * world + rank) * batch_size + j for j in range(batch_size)]
@@ -198,22 +190,16 @@ def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples
 
 
 # ----------------------------------------------------------------------------- video
-def sample_times(times: np.ndarray, num_frames: int) -> np.ndarray:
-    """The frame timestamps nearest to `num_frames` instants spread evenly from first to last frame. By time,
-    not frame number, so variable-frame-rate video is sampled evenly too; a short video repeats frames."""
-    instants = np.linspace(times[0], times[-1], num_frames)
-    return times[np.abs(times[None, :] - instants[:, None]).argmin(1)]
-
-
 def read_frames(path: str, num_frames: int) -> np.ndarray:
-    """Decode `num_frames` frames spread uniformly in time over the whole video: [T, H, W, 3] uint8."""
-    if not os.path.isfile(path):
-        raise DataError(f"video not found: {path}")
+    """Decode `num_frames` frames spread uniformly in time over the whole video: [T, H, W, 3] uint8. By time,
+    not frame number, so variable-frame-rate video is sampled evenly too; a short video repeats frames."""
+    exists(path)
     try:
         with av.open(path) as container:
             # Demuxing reads every frame's timestamp without decoding; then decode once, keeping the chosen.
             times = np.array(sorted(p.pts for p in container.demux(video=0) if p.pts is not None))
-            wanted = sample_times(times, num_frames).tolist() if len(times) else []
+            instants = np.linspace(times[0], times[-1], num_frames) if len(times) else []
+            wanted = [int(times[np.abs(times - t).argmin()]) for t in instants]  # the nearest frame to each
             container.seek(0)
             decoded = {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(video=0) if f.pts in wanted}
     except (av.FFmpegError, IndexError, ValueError) as e:
@@ -224,21 +210,19 @@ def read_frames(path: str, num_frames: int) -> np.ndarray:
     return np.stack([decoded[t] for t in wanted])
 
 
-MIN_PIXELS = 56 * 56  # Qwen2-VL's smart_resize default floor per frame
-
-
-def smart_resize(height: int, width: int, max_pixels: int, min_pixels: int = MIN_PIXELS,
+def smart_resize(height: int, width: int, max_pixels: int, min_pixels: int = 56 * 56,
                  factor: int = 28) -> tuple[int, int]:
-    """Qwen2-VL's rule: sides multiples of `factor`, area in [min_pixels, max_pixels], aspect kept."""
+    """Qwen2-VL's rule: sides multiples of `factor`, area in [min_pixels, max_pixels], aspect kept (the
+    defaults are Qwen2-VL's: 28 = a 2x2 block of 14-pixel patches, a floor of 56*56 pixels per frame)."""
     if max(height, width) / min(height, width) > 200:
         raise DataError(f"aspect ratio {height}x{width} is beyond Qwen2-VL's limit of 200")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         scale = math.sqrt(height * width / max_pixels)
-        h, w = max(factor, math.floor(height / scale / factor) * factor), max(factor, math.floor(width / scale / factor) * factor)
+        h, w = (max(factor, math.floor(side / scale / factor) * factor) for side in (height, width))
     elif h * w < min_pixels:
         scale = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * scale / factor) * factor, math.ceil(width * scale / factor) * factor
+        h, w = (math.ceil(side * scale / factor) * factor for side in (height, width))
     return h, w
 
 
@@ -275,8 +259,7 @@ DECODED_BYTES = 2**30  # at most 1 GiB a process: ~200 videos of 16 frames of 12
 def load_video(path: str, num_frames: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A video's (pixel_values_videos, video_grid_thw). Decoded videos are kept (questions share scenes),
     under the file's size and time, so that a file changed on disk is read again."""
-    if not os.path.isfile(path):
-        raise DataError(f"video not found: {path}")
+    exists(path)
     key = (path, os.path.getsize(path), os.path.getmtime(path), num_frames, max_pixels)
     if key not in DECODED:
         DECODED[key] = video_patches(read_frames(path, num_frames), max_pixels)
@@ -296,11 +279,9 @@ def question_text(sample: dict) -> str:
 def prompt_ids(tokenizer, text: str, video_grid_thw: torch.Tensor, video_token_id: int) -> list[int]:
     """Token ids of the chat prompt, its one video placeholder expanded to t*h*w/4 video tokens. Nothing is
     ever truncated: cutting through the video tokens would leave the tower's features without places."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
-        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        chat = QWEN2VL_CHAT.format(text=text)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
+        if tokenizer.chat_template else QWEN2VL_CHAT.format(text=text)
     ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
     if ids.count(video_token_id) != 1:
         raise DataError(f"the chat prompt must hold exactly one video placeholder, found {ids.count(video_token_id)}")
@@ -321,50 +302,37 @@ def benchmark_prompt(sample: dict, prompt_mode: str) -> str:
 
 
 # ----------------------------------------------------------------------------- synthetic data
-# Small scenes of coloured squares ("objects") seen by a slowly panning camera, with
-# questions whose answers follow from how the scene was drawn. Same file format as VSI-Bench.
-OBJECT_COLOURS = {"chair": (220, 40, 40), "table": (40, 80, 230), "sofa": (40, 200, 60), "lamp": (240, 220, 40)}
-COLOUR_NAMES = dict(zip(OBJECT_COLOURS, ("red", "blue", "green", "yellow")))
-SYNTHETIC_TYPES = ("object_counting", "object_rel_direction", "object_rel_distance", "object_colour")
+# Small scenes of coloured squares ("objects") seen by a slowly panning camera, with questions whose
+# answers follow from how the scene was drawn. Same file format as VSI-Bench.
+COLOURS = {"chair": ("red", (220, 40, 40)), "table": ("blue", (40, 80, 230)), "sofa": ("green", (40, 200, 60)),
+           "lamp": ("yellow", (240, 220, 40))}
+SYNTHETIC_TYPES = ("object_counting", "object_rel_direction", "object_colour")
 GRID, CELL = 4, 28  # objects sit in distinct cells of a 4x4 grid over a 112x112 room
 
 
-def draw_scene(cells: dict[str, list[tuple[int, int]]], num_frames: int, rng: np.random.Generator) -> np.ndarray:
-    """Frames [T, 112, 112, 3] of the objects in their cells; the camera pans 8 px left to right."""
-    room = np.full((GRID * CELL + 8, GRID * CELL + 8, 3), 90, np.uint8)  # 4 px margin for jitter and pan
+def synthetic_scene(question_type: str, num_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
+    """Frames [T, 112, 112, 3] of a random room seen by a camera panning 8 px, a question and its answer."""
+    a, b = (str(name) for name in rng.permutation(list(COLOURS))[:2])
+    free = [(int(c) // GRID, int(c) % GRID) for c in rng.permutation(GRID * GRID)]
+    if question_type == "object_counting":
+        count = int(rng.integers(1, 5))
+        cells, question, answer = {a: free[:count], b: free[count:count + 2]}, f"How many {a}(s) are in this room?", \
+            str(count)
+    elif question_type == "object_rel_direction":
+        other = next(cell for cell in free if cell[1] != free[0][1])  # a different column
+        cells, question = {a: [free[0]], b: [other]}, f"Is the {a} to the left or to the right of the {b}?"
+        answer = "left" if free[0][1] < other[1] else "right"
+    else:  # object_colour: one large object (2x2 cells), so its colour fills whole video tokens
+        row, col = (int(x) for x in rng.integers(0, GRID - 1, 2))
+        cells, question, answer = {a: [(row + i, col + j) for j in (0, 1) for i in (0, 1)]}, \
+            "What colour is the object in this room?", COLOURS[a][0]
+    room = np.full((GRID * CELL + 8, GRID * CELL + 8, 3), 90, np.uint8)  # a 4 px margin for jitter and pan
     for name, positions in cells.items():
         for row, col in positions:
             y, x = row * CELL + 4 + rng.integers(0, 5), col * CELL + 4 + rng.integers(0, 5)
-            room[y:y + 18, x:x + 18] = OBJECT_COLOURS[name]
+            room[y:y + 18, x:x + 18] = COLOURS[name][1]
     pans = np.linspace(0, 8, num_frames).round().astype(int)
-    return np.stack([room[4:4 + GRID * CELL, p:p + GRID * CELL] for p in pans])
-
-
-def synthetic_question(question_type: str, rng: np.random.Generator) -> tuple[dict, str, str]:
-    """A random scene layout, its question and the answer the layout implies."""
-    names = list(OBJECT_COLOURS)
-    free = [(int(c) // GRID, int(c) % GRID) for c in rng.permutation(GRID * GRID)]
-    if question_type == "object_counting":
-        target, count = str(rng.choice(names)), int(rng.integers(1, 5))
-        cells = {target: free[:count], str(rng.choice([n for n in names if n != target])): free[count:count + 2]}
-        return cells, f"How many {target}(s) are in this room?", str(count)
-    a, b, c, d = (str(n) for n in rng.permutation(names))
-    if question_type == "object_colour":  # one large object (2x2 cells), so its colour fills whole video tokens
-        row, col = (int(x) for x in rng.integers(0, GRID - 1, 2))
-        return ({a: [(row + i, col + j) for j in (0, 1) for i in (0, 1)]}, "What colour is the object in this room?",
-                COLOUR_NAMES[a])
-    if question_type == "object_rel_direction":
-        other = next(cell for cell in free if cell[1] != free[0][1])  # a different column
-        answer = "left" if free[0][1] < other[1] else "right"
-        return {a: [free[0]], b: [other]}, f"Is the {a} to the left or to the right of the {b}?", answer
-    if question_type == "object_rel_distance":
-        cells = {a: [free[0]], b: [free[1]], c: [free[2]], d: [free[3]]}
-        dist = {n: math.dist(cells[a][0], cells[n][0]) for n in (b, c, d)}
-        ranked = sorted(dist, key=dist.get)
-        if dist[ranked[0]] == dist[ranked[1]]:
-            return synthetic_question(question_type, rng)  # a tie has no single answer
-        return cells, f"Which of these objects ({b}, {c}, {d}) is the closest to the {a}?", ranked[0]
-    raise ValueError(f"unknown synthetic question type {question_type!r}")
+    return np.stack([room[4:4 + GRID * CELL, p:p + GRID * CELL] for p in pans]), question, answer
 
 
 def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:  # near-lossless H.264
@@ -378,18 +346,17 @@ def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:  # near-lo
 
 
 def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num_frames: int = 8,
-                            question_types: tuple = SYNTHETIC_TYPES, name: str = "train", scale: int = 1) -> str:
+                            name: str = "train", scale: int = 1) -> str:
     """Write videos under out_dir/videos and rows, in VSI-Bench's field names, to out_dir/{name}.jsonl (the path
     returned). `scale` enlarges the frames (4: 448x448, enough to fill Qwen2-VL's usual pixel budget)."""
     rng, rows = np.random.default_rng(seed), []
     for i in range(num_questions):
-        question_type, scene = question_types[i % len(question_types)], f"{name}_{i:05d}"
-        cells, question, answer = synthetic_question(question_type, rng)
+        question_type, scene = SYNTHETIC_TYPES[i % len(SYNTHETIC_TYPES)], f"{name}_{i:05d}"
+        frames, question, answer = synthetic_scene(question_type, num_frames, rng)
         write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"),
-                    draw_scene(cells, num_frames, rng).repeat(scale, 1).repeat(scale, 2))
+                    frames.repeat(scale, 1).repeat(scale, 2))
         rows.append({"id": scene, "dataset": "synthetic", "scene_name": scene, "question_type": question_type,
                      "question": question, "ground_truth": answer, "options": []})
-    path = os.path.join(out_dir, f"{name}.jsonl")
-    with open(path, "w") as f:
+    with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    return path
+    return os.path.join(out_dir, f"{name}.jsonl")
