@@ -7,6 +7,7 @@ tools (bookkeeping, checkpoints, evaluation, demo, benchmark, main) follow under
   accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data "vsi100k/*.json" --video-root scannet
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -15,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -452,7 +452,7 @@ def train(args) -> nn.Module:
 # Nothing below is needed to follow a training step. It keeps the run's books, saves, resumes and stops it
 # safely, checks data, evaluates on VSI-Bench, and runs the demo and the benchmark.
 
-# ---------------------------------------------------------------------------- bookkeeping
+# ---------------------------------------------------------------------------- the run: set-up, books, safe stops
 PHASES: dict[str, float] = {}  # seconds per phase of the current step: timed() adds, end_step() reads and clears
 
 
@@ -479,24 +479,20 @@ class Run:
     lock, resuming, metrics, evaluation, checkpoints and safe stops."""
 
     def __init__(self, args):
-        self.args, self.lock = args, None
-        self.samples = checked_samples(args)
+        self.args, self.samples, self.health, self.nonfinite_in_a_row = args, checked_samples(args), VideoHealth(), 0
         self.eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)[:args.eval_limit or None] \
             if args.eval_every else []
         check_model(args.model)
         self.accelerator = accelerator = make_accelerator(args.report_to, args.output_dir)
-        main, world = accelerator.is_main_process, accelerator.num_processes
-        try:
-            resume_from = None  # one process looks and claims the directory; all go on from what it found
-            if main:
-                self.lock = take_lock(args.output_dir)
-                resume_from = checkpoint_to_resume(args, world) if args.resume else \
-                    free_output_dir(args.output_dir, args.overwrite)
-            [resume_from] = broadcast_object_list([resume_from])
+        world, self.lock = accelerator.num_processes, take_lock(args.output_dir) if accelerator.is_main_process else None
+        try:  # one process looks into the output directory and claims it; all go on from what it found
+            found = self.lock and (checkpoint_to_resume(args, world) if args.resume else
+                                   free_output_dir(args.output_dir, args.overwrite))
+            [resume_from] = broadcast_object_list([found])
             set_seed(args.seed)  # the same LoRA initialisation on every process
             model, self.tokenizer = load_model(args, accelerator.device)
             self.ref_model = reference_model(model, args)
-            self.encodings = count_video_encodings([model] + ([self.ref_model] if self.ref_model else []))
+            self.encodings = count_video_encodings([model, self.ref_model])
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                           weight_decay=0.0)
             self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -509,17 +505,17 @@ class Run:
             release_lock(self.lock)
             raise
         self.steps = args.max_steps or max(1, len(self.samples) // (args.batch_size * world))
-        # The newest checkpoint in this directory; decided from flags alone, so that every process agrees.
+        # The newest checkpoint in this directory; decided from the flags alone, so that every process agrees.
         here = resume_from and os.path.dirname(os.path.abspath(resume_from)) == os.path.abspath(args.output_dir)
-        self.last_saved, self.nonfinite_in_a_row, self.health = self.start if here else -1, 0, VideoHealth()
-        if main:
+        self.last_saved = self.start if here else -1
+        if self.lock:
             keep_metrics_up_to(os.path.join(args.output_dir, "metrics.jsonl"), self.start)
             if not resume_from:
                 with open(os.path.join(args.output_dir, "args.json"), "w") as f:
                     json.dump(vars(args), f, indent=1)
             accelerator.init_trackers("vsgrpo", config={k: str(v) for k, v in vars(args).items()})
-            print(f"{len(self.samples)} questions, {world} process(es), {self.steps} steps of "
-                  f"{args.batch_size * world} questions x G={args.num_generations}; rewards {args.rewards}" +
+            print(f"{len(self.samples)} questions, {world} process(es), {self.steps} steps of {args.batch_size * world} "
+                  f"questions x G={args.num_generations}; rewards {args.rewards}" +
                   (f"; resumed from {resume_from} at step {self.start}" if resume_from else ""))
         self.signals, self.started = StopSignals(), time.perf_counter()
         peak_memory_gb(accelerator.device, reset=True)
@@ -597,27 +593,8 @@ def reference_model(model, args):
     return deepcopy(model).eval().requires_grad_(False) if args.lora_rank == 0 and args.beta > 0 else None
 
 
-def checked_samples(args) -> list[dict]:
-    """The cheap part of --check-data, before any model loads: every row, and every video file exists.
-    Rows whose video is missing are dropped and counted; too many missing stop here."""
-    errors = []
-    samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
-    if errors:
-        raise DataError(f"{len(errors)} bad row(s):\n  " + "\n  ".join(errors[:20]) + "\n(--check-data lists all)")
-    missing, videos = check_videos(samples, args, decode=False), len({s["video"] for s in samples})
-    if len(missing) > args.max_bad_video_fraction * videos:
-        raise DataError(f"{len(missing)} of {videos} videos missing, over --max-bad-video-fraction "
-                        f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(missing[:10]))
-    if missing:
-        samples = [s for s in samples if os.path.isfile(s["video"])]
-        print(f"warning: {len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
-              "\n  ".join(missing[:10]), file=sys.stderr)
-    return samples
-
-
 def step_metrics(ro, args, stats: dict, num_bad: int, lr: float) -> dict:
-    lengths = ro.completion_mask.sum(1).float()
-    groups = ro.rewards["total"].view(-1, args.num_generations)
+    lengths, groups = ro.completion_mask.sum(1).float(), ro.rewards["total"].view(-1, args.num_generations)
     # Tokens each optimisation pass reads: every completion with its question's unpadded prompt.
     train_tokens = (ro.batch.attention_mask.sum() * args.num_generations + lengths.sum()).item() * args.num_iterations
     metrics = {**stats, "reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
@@ -643,7 +620,7 @@ def average_over_processes(accelerator, metrics: dict) -> dict:
 def count_video_encodings(models) -> dict:
     """A counter of the videos the models' vision towers encode (each call can take several)."""
     counter = {"videos": 0}
-    for model in models:
+    for model in filter(None, models):
         model.model.visual.register_forward_pre_hook(
             lambda module, args, kwargs: counter.update(videos=counter["videos"] + len(kwargs["grid_thw"])),
             with_kwargs=True)
@@ -663,16 +640,21 @@ def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
     return float(re.search(r"VmHWM:\s*(\S+)", status).group(1)) / 2**20
 
 
+def show_progress(line: str, last: bool = True) -> None:
+    """One progress line: rewritten in place on a terminal until the last; whole lines when piped."""
+    tty = sys.stdout.isatty()
+    print(f"\r{line}\033[K" if tty else line, end="" if tty and not last else "\n", flush=True)
+
+
 def log_step(args, step: int, steps: int, metrics: dict, seconds_per_step: float) -> None:
-    """Append the step to metrics.jsonl and show one progress line: in place on a terminal, whole lines when piped."""
+    """Append the step to metrics.jsonl and show its progress line."""
     with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
-    line = (f"[{'#' * int(20 * step / steps):.<20}] {step}/{steps} {seconds_per_step:.1f}s/step eta "
-            f"{seconds_per_step * (steps - step) / 60:.1f}min loss {metrics['loss']:+.4f} reward {metrics['reward']:.3f} "
-            f"kl {metrics['kl']:.2e} len {metrics['completion_length']:.0f} zero-std {metrics['zero_std_fraction']:.2f}")
-    in_place = sys.stdout.isatty() and step < steps and not (args.log_completions_every and
-                                                             (step + 1) % args.log_completions_every == 0)
-    print(f"\r{line}\033[K" if sys.stdout.isatty() else line, end="" if in_place else "\n", flush=True)
+    completions_next = args.log_completions_every and (step + 1) % args.log_completions_every == 0
+    show_progress(f"[{'#' * int(20 * step / steps):.<20}] {step}/{steps} {seconds_per_step:.1f}s/step eta "
+                  f"{seconds_per_step * (steps - step) / 60:.1f}min loss {metrics['loss']:+.4f} reward "
+                  f"{metrics['reward']:.3f} kl {metrics['kl']:.2e} len {metrics['completion_length']:.0f} zero-std "
+                  f"{metrics['zero_std_fraction']:.2f}", last=step == steps or completions_next)
 
 
 def print_completions(ro, args) -> None:
@@ -693,7 +675,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted({*(ids if isinstance(ids, list) else [ids]), tokenizer.eos_token_id} - {None})
 
 
-# ---------------------------------------------------------------------------- the straightforward path
 def straightforward_logps(model, batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
                           args) -> torch.Tensor:
     """completion_logps as a plain implementation computes it, to check the packed sequences against: each
@@ -738,23 +719,24 @@ def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) 
     files and stops the run. Only the newest --keep are kept.
     """
     final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
-    partial, main = final + ".partial", accelerator.is_main_process
+    partial, trainer, main = final + ".partial", os.path.join(final + ".partial", "trainer"), accelerator.is_main_process
     if main:
         shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(os.path.join(partial, "trainer"))
+        os.makedirs(trainer)
     accelerator.wait_for_everyone()
     try:
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-        torch.save(rng, os.path.join(partial, "trainer", f"rng-rank{accelerator.process_index}.pt"))
+        torch.save(rng, os.path.join(trainer, f"rng-rank{accelerator.process_index}.pt"))
         accelerator.wait_for_everyone()  # every process's random state is on disk before the manifest
         if main:
             save_model(policy, tokenizer, partial)
             save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
-                      os.path.join(partial, "trainer", "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), os.path.join(partial, "trainer", "optimizer.pt"))
-            with open(os.path.join(partial, "trainer", "state.json"), "w") as f:
+                      os.path.join(trainer, "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), os.path.join(trainer, "optimizer.pt"))
+            with open(os.path.join(trainer, "state.json"), "w") as f:
                 json.dump({"step": step, "config": {**vars(args), "world_size": accelerator.num_processes}}, f)
-            write_manifest(partial)
+            with open(os.path.join(partial, "manifest.json"), "w") as f:
+                json.dump(manifest(partial), f, indent=1)
         error = None
     except Exception as e:  # a full disk: OSError, or safetensors' own error type
         error = f"{type(e).__name__}: {e}"
@@ -772,46 +754,37 @@ def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) 
     return final
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_manifest(directory: str) -> None:
-    """manifest.json: each file's size and SHA-256, so that --resume finds a truncated or damaged file."""
-    files = [os.path.relpath(os.path.join(root, name), directory) for root, _, names in os.walk(directory)
-             for name in names]
-    with open(os.path.join(directory, "manifest.json"), "w") as f:
-        json.dump({n: [os.path.getsize(os.path.join(directory, n)), sha256(os.path.join(directory, n))]
-                   for n in sorted(files)}, f, indent=1)
+def manifest(directory: str) -> dict[str, list]:
+    """{file: [size, SHA-256]} of every file under `directory`, so that --resume finds a truncated or damaged one."""
+    def entry(path: str) -> list:
+        with open(path, "rb") as f:
+            return [os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()]
+    return {os.path.relpath(os.path.join(root, name), directory): entry(os.path.join(root, name))
+            for root, _, names in sorted(os.walk(directory)) for name in sorted(names) if name != "manifest.json"}
 
 
 def checkpoint_problem(path: str) -> str | None:
     """What is wrong with a checkpoint, checked against its manifest, or None."""
     try:
         with open(os.path.join(path, "manifest.json")) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"{path} has no manifest.json (its save never finished)" if isinstance(e, FileNotFoundError) else \
-            f"{path}/manifest.json is damaged"
-    for name, (size, digest) in manifest.items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return f"{file} is missing"
-        if os.path.getsize(file) != size:
-            return f"{file} has {os.path.getsize(file)} bytes, its manifest {size} (truncated?)"
-        if sha256(file) != digest:
-            return f"{file} does not match its manifest's checksum (damaged)"
+            expected = json.load(f)
+    except FileNotFoundError:
+        return f"{path} has no manifest.json (its save never finished)"
+    except (OSError, ValueError):
+        return f"{path}/manifest.json is damaged"
+    found = manifest(path)
+    for name, (size, digest) in expected.items():
+        if name not in found or found[name][0] != size:
+            return f"{os.path.join(path, name)} has {found.get(name, ['no'])[0]} bytes, its manifest {size} (truncated?)"
+        if found[name][1] != digest:
+            return f"{os.path.join(path, name)} does not match its manifest's checksum (damaged)"
     return None
 
 
 def checkpoints(output_dir: str) -> list[str]:
     """Complete checkpoints, oldest first (a .partial or .damaged one never counts)."""
-    names = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(output_dir) else []
-    return [os.path.join(output_dir, n) for n in sorted(names)]
+    names = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)) if os.path.isdir(output_dir) else []
+    return [os.path.join(output_dir, n) for n in names]
 
 
 def checkpoint_to_resume(args, world_size: int) -> str:
@@ -819,9 +792,9 @@ def checkpoint_to_resume(args, world_size: int) -> str:
     the newest that does, setting damaged ones aside. Either must come from a run with these settings."""
     if args.resume != "latest":
         problem = checkpoint_problem(args.resume)
-        good = next((c for c in reversed(checkpoints(os.path.dirname(os.path.abspath(args.resume))))
-                     if not checkpoint_problem(c)), None) if problem else args.resume
         if problem:
+            good = next((c for c in reversed(checkpoints(os.path.dirname(os.path.abspath(args.resume))))
+                         if not checkpoint_problem(c)), None)
             raise DataError(f"--resume {args.resume}: {problem}" +
                             (f". The newest checkpoint that verifies is {good}: pass --resume {good}" if good else ""))
         return same_run(args.resume, args, world_size)
@@ -891,38 +864,31 @@ def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES) ->
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def take_lock(output_dir: str) -> str:
-    """Create output_dir/run.lock atomically, with this process's id and host: a second run stops here."""
+def take_lock(output_dir: str):
+    """output_dir/run.lock, holding this process's id and host, locked by the kernel until the process ends,
+    however it ends: a second run into the directory stops here, and a lock left by a killed run is taken over."""
     os.makedirs(output_dir, exist_ok=True)
-    path, host = os.path.join(output_dir, "run.lock"), socket.gethostname()
-    while True:
-        try:
-            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                f.write(f"{os.getpid()} {host}\n")
-            return path
-        except FileExistsError:
-            holder = open(path).read().split()
-        if len(holder) == 2 and holder[1] == host and not process_alive(int(holder[0])):
-            print(f"warning: {path} was left by process {holder[0]}, which is gone: taking it over", file=sys.stderr)
-            os.remove(path)
-        else:
-            raise DataError(f"--output-dir {output_dir} is in use by process {' on '.join(holder) or '(starting)'} "
-                            f"({path}). Wait for it to end, or use another --output-dir")
-
-
-def process_alive(pid: int) -> bool:
+    lock = open(os.path.join(output_dir, "run.lock"), "a+")
+    lock.seek(0)
+    holder = lock.read().split()
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process
-    return True
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise DataError(f"--output-dir {output_dir} is in use by process {' on '.join(holder) or '(starting)'} "
+                        f"({lock.name}). Wait for it to end, or use another --output-dir") from None
+    if holder:
+        print(f"warning: {lock.name} was left by process {holder[0]}, which is gone: taking it over", file=sys.stderr)
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} {os.uname().nodename}\n")
+    lock.flush()
+    return lock
 
 
-def release_lock(path: str | None) -> None:
-    if path and os.path.exists(path) and open(path).read().split()[:1] == [str(os.getpid())]:
-        os.remove(path)
+def release_lock(lock) -> None:
+    if lock:
+        os.remove(lock.name)
+        lock.close()
 
 
 class StopSignals:
@@ -964,6 +930,24 @@ def agreed_stop(accelerator, signals: StopSignals, health: VideoHealth, batch_sh
 
 
 # ---------------------------------------------------------------------------- checking data and the model
+def checked_samples(args) -> list[dict]:
+    """The cheap part of --check-data, before any model loads: every row, and every video file exists.
+    Rows whose video is missing are dropped and counted; too many missing stop here."""
+    errors = []
+    samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
+    if errors:
+        raise DataError(f"{len(errors)} bad row(s):\n  " + "\n  ".join(errors[:20]) + "\n(--check-data lists all)")
+    missing, videos = check_videos(samples, args, decode=False), len({s["video"] for s in samples})
+    if len(missing) > args.max_bad_video_fraction * videos:
+        raise DataError(f"{len(missing)} of {videos} videos missing, over --max-bad-video-fraction "
+                        f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(missing[:10]))
+    if missing:
+        samples = [s for s in samples if os.path.isfile(s["video"])]
+        print(f"warning: {len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
+              "\n  ".join(missing[:10]), file=sys.stderr)
+    return samples
+
+
 def run_check_data(args) -> int:
     """--check-data: every row, and every video through training's own preprocessing, in parallel; 1 if bad."""
     errors = []
@@ -993,21 +977,18 @@ def check_model(name: str) -> None:
 
 # ---------------------------------------------------------------------------- evaluation on VSI-Bench
 def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, protocol: str,
-                show_progress: bool = False) -> tuple[list, list]:
-    """Greedy answers to rows[indices], scored: (predictions, rows not evaluated with the reason).
-
-    protocol "benchmark": VSI-Bench's prompts, clean-up and metrics; "training": the training
-    prompt and accuracy reward (the demo's held-out questions).
-    """
+                show: bool = False) -> tuple[list, list]:
+    """Greedy answers to rows[indices], scored: (predictions, rows not evaluated with the reason). protocol
+    "benchmark": VSI-Bench's prompts, clean-up and metrics; "training": the training prompt and the accuracy
+    reward (the demo's held-out questions)."""
     benchmark = protocol == "benchmark"
     # VSI-Bench decodes 16 new tokens; a think or observe prompt needs the training length.
-    max_new = 16 if benchmark and args.eval_prompt == "vanilla" else args.max_completion_length
-    config, predictions, skipped = generation_config(policy, tokenizer, max_new), [], []
-    tty = sys.stdout.isatty()
+    config = generation_config(policy, tokenizer, 16 if benchmark and args.eval_prompt == "vanilla"
+                               else args.max_completion_length)
+    predictions, skipped = [], []
     for start in range(0, len(indices), args.eval_batch_size):
-        if show_progress and (tty or start % (50 * args.eval_batch_size) == 0):  # piped: a whole line now and then
-            print(("\r" if tty else "") + f"  evaluated {start} of this process's {len(indices)} questions",
-                  end="" if tty else "\n", flush=True)
+        if show and (sys.stdout.isatty() or start % (50 * args.eval_batch_size) == 0):  # piped: a line now and then
+            show_progress(f"  evaluated {start} of this process's {len(indices)} questions", last=False)
         chunk = []  # videos are decoded a batch at a time: all of VSI-Bench's would not fit in memory
         for i in indices[start:start + args.eval_batch_size]:
             try:
@@ -1028,8 +1009,8 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
             predictions.append({"index": i, "id": row["id"], "question_type": row["question_type"], "prompt": text,
                                 "raw_output": raw, "prediction": prediction, "ground_truth": row["answer"],
                                 "score": (benchmark_score if benchmark else answer_score)(prediction, row)})
-    if show_progress:
-        print(("\r" if tty else "") + f"  evaluated {len(indices)} of this process's {len(indices)} questions")
+    if show:
+        show_progress(f"  evaluated {len(indices)} of this process's {len(indices)} questions")
     return predictions, skipped
 
 
@@ -1040,9 +1021,6 @@ def evaluate(policy, tokenizer, rows: list[dict], args, accelerator, protocol="b
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
     predictions, skipped = answer_rows(policy, tokenizer, rows, mine, args, protocol, accelerator.is_main_process)
     return [sorted(gather_object(items), key=lambda item: item["index"]) for items in (predictions, skipped)]
-
-
-EVALUATION_FILES = r"predictions\.jsonl|metrics\.json"
 
 
 def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict:
@@ -1076,7 +1054,7 @@ def run_evaluation(args) -> dict:
     check_model(args.model)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        free_output_dir(args.output_dir, args.overwrite, EVALUATION_FILES)
+        free_output_dir(args.output_dir, args.overwrite, r"predictions\.jsonl|metrics\.json")
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
     policy, tokenizer = load_model(args, accelerator.device)
     predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
