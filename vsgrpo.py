@@ -136,8 +136,8 @@ def load_model(args, device: torch.device):
     else:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:  # renamed in transformers 5.x, which warns under the old name; same argument
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
     return model, tokenizer
 
 
@@ -452,7 +452,7 @@ def train(args) -> nn.Module:
 # Nothing below is needed to follow a training step. It keeps the run's books, saves, resumes and stops it
 # safely, checks data, evaluates on VSI-Bench, and runs the demo and the benchmark.
 
-# ---------------------------------------------------------------------------- the run: set-up, books, safe stops
+# ---------------------------------------------------------------------------- the run: set-up and books
 PHASES: dict[str, float] = {}  # seconds per phase of the current step: timed() adds, end_step() reads and clears
 
 
@@ -719,7 +719,8 @@ def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) 
     files and stops the run. Only the newest --keep are kept.
     """
     final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
-    partial, trainer, main = final + ".partial", os.path.join(final + ".partial", "trainer"), accelerator.is_main_process
+    partial, main = final + ".partial", accelerator.is_main_process
+    trainer = os.path.join(partial, "trainer")
     if main:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(trainer)
@@ -775,7 +776,7 @@ def checkpoint_problem(path: str) -> str | None:
     found = manifest(path)
     for name, (size, digest) in expected.items():
         if name not in found or found[name][0] != size:
-            return f"{os.path.join(path, name)} has {found.get(name, ['no'])[0]} bytes, its manifest {size} (truncated?)"
+            return f"{os.path.join(path, name)} has {found.get(name, ['no'])[0]} bytes, its manifest {size}"
         if found[name][1] != digest:
             return f"{os.path.join(path, name)} does not match its manifest's checksum (damaged)"
     return None
