@@ -134,8 +134,10 @@ def check_videos(samples: list[dict], args, decode: bool) -> list[str]:
     first_row = {s["video"]: s["source"] for s in reversed(samples)}
 
     def problem(path: str) -> str | None:
-        try:  # not through load_video's cache: checking a whole data set would only churn it
-            video_patches(read_frames(path, args.num_frames), args.max_pixels) if decode else exists(path)
+        try:
+            exists(path)
+            if decode:  # not through load_video's cache: checking a whole data set would only churn it
+                video_patches(read_frames(path, args.num_frames), args.max_pixels)
         except DataError as e:
             return f"{first_row[path]}: {e}"
 

@@ -1448,6 +1448,7 @@ def test_a_save_that_cannot_be_written_says_what_and_where_removes_its_partial_f
     (lambda p: open(p / "trainer" / "optimizer.pt", "r+b").write(b"\0" * 64), "optimizer.pt does not match"),
     (lambda p: (p / "trainer" / "state.json").write_text("{"), "state.json has 1 bytes"),
     (lambda p: os.remove(p / "manifest.json"), "has no manifest.json"),
+    (lambda p: os.remove(p / "trainer" / "optimizer.pt"), "optimizer.pt is missing"),
 ])
 def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_that_verifies(
         synthetic, tmp_path, capsys, damage, problem):

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from copy import deepcopy
 from dataclasses import dataclass
 
@@ -775,8 +775,10 @@ def checkpoint_problem(path: str) -> str | None:
         return f"{path}/manifest.json is damaged"
     found = manifest(path)
     for name, (size, digest) in expected.items():
-        if name not in found or found[name][0] != size:
-            return f"{os.path.join(path, name)} has {found.get(name, ['no'])[0]} bytes, its manifest {size}"
+        if name not in found:
+            return f"{os.path.join(path, name)} is missing"
+        if found[name][0] != size:
+            return f"{os.path.join(path, name)} has {found[name][0]} bytes, its manifest {size} (truncated?)"
         if found[name][1] != digest:
             return f"{os.path.join(path, name)} does not match its manifest's checksum (damaged)"
     return None
@@ -887,8 +889,9 @@ def take_lock(output_dir: str):
 
 
 def release_lock(lock) -> None:
-    if lock:
-        os.remove(lock.name)
+    if lock and not lock.closed:
+        with suppress(FileNotFoundError):  # someone removed it by hand
+            os.remove(lock.name)
         lock.close()
 
 
