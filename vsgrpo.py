@@ -786,8 +786,8 @@ def checkpoint_problem(path: str) -> str | None:
 
 def checkpoints(output_dir: str) -> list[str]:
     """Complete checkpoints, oldest first (a .partial or .damaged one never counts)."""
-    names = sorted(n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)) if os.path.isdir(output_dir) else []
-    return [os.path.join(output_dir, n) for n in names]
+    names = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(output_dir) else []
+    return [os.path.join(output_dir, n) for n in sorted(names)]
 
 
 def checkpoint_to_resume(args, world_size: int) -> str:
