@@ -1,4 +1,4 @@
-"""From files on disk to Qwen2-VL inputs: rows, videos, frames, patches, prompts; and synthetic data.
+"""From files on disk to Qwen2-VL inputs: rows, videos, frames, patches, prompts.
 
 transformers' Qwen2-VL video processor needs torchvision and Pillow, so its few steps are written out
 here: uniform frame sampling, the "smart resize" rule, CLIP normalisation and the patch layout."""
@@ -9,7 +9,6 @@ import os
 import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import av
 import numpy as np
@@ -150,34 +149,27 @@ def exists(path: str) -> None:
         raise DataError(f"video not found: {path}")
 
 
-@dataclass
-class VideoHealth:
-    """The videos a run has decoded (good) and failed to decode (bad), so a bad one is never drawn twice."""
-    good: set = field(default_factory=set)
-    bad: set = field(default_factory=set)
-
-
 def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator,
-               health: VideoHealth) -> tuple[list, list, list]:
-    """Decode the videos of `indices`: (rows, videos, failures this step). A video that fails is remembered
-    as bad, and its row replaced by a random one whose video decoded before (early in a run, by any not known
-    bad). After 10 failures per row the batch comes back short, and the training loop stops the run, saved."""
+               decoded: dict[str, bool]) -> tuple[list, list, list]:
+    """Decode the videos of `indices`: (rows, videos, failures this step). `decoded` records every video the run
+    has tried, True if it decoded, so a bad one is never drawn twice: its row is replaced by a random one whose
+    video decoded before (early in a run, by any not known bad). After 10 failures per row the batch comes back
+    short, and the training loop stops the run, saved."""
     loaded, videos, failures, candidates = [], [], [], list(indices)
     while len(loaded) < len(indices) and len(failures) < 10 * len(indices):
-        pool = candidates or [i for i, s in enumerate(samples) if s["video"] in health.good] or \
-            [i for i, s in enumerate(samples) if s["video"] not in health.bad]
+        pool = candidates or [i for i, s in enumerate(samples) if decoded.get(s["video"])] or \
+            [i for i, s in enumerate(samples) if decoded.get(s["video"]) is not False]
         if not pool:
             break  # every video has failed
         sample = samples[candidates.pop(0) if candidates else int(rng.choice(pool))]
-        if sample["video"] in health.bad:
+        if decoded.get(sample["video"]) is False:
             continue  # drawn by the data order; a row known to be good takes its place
         try:
             videos.append(load_video(sample["video"], args.num_frames, args.max_pixels))
             loaded.append(sample)
-            health.good.add(sample["video"])
+            decoded[sample["video"]] = True
         except DataError as e:
-            health.good.discard(sample["video"])  # a file damaged after it was first read
-            health.bad.add(sample["video"])
+            decoded[sample["video"]] = False  # also a file damaged after it was first read
             failures.append(f"{sample['source']}: {e}")
             print(f"warning: skipped {failures[-1]}; its video is not drawn again", file=sys.stderr)
     return loaded, videos, failures
@@ -255,7 +247,7 @@ def patchify(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 DECODED: OrderedDict = OrderedDict()  # decoded videos, least recently used first
-DECODED_BYTES = 2**30  # at most 1 GiB a process: ~200 videos of 16 frames of 128*28*28 pixels, ~7,000 of the demo's
+DECODED_BYTES = 2**30  # at most 1 GiB a process: ~55 videos of 16 frames of 128*28*28 pixels, ~7,000 of the demo's
 
 
 def load_video(path: str, num_frames: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,64 +293,3 @@ def benchmark_prompt(sample: dict, prompt_mode: str) -> str:
         lines += ["Options:"] + sample["options"]
         post = "Answer with the option's letter from the given choices directly."
     return "\n".join(lines + [post if prompt_mode == "vanilla" else PROMPTS[prompt_mode]])
-
-
-# ----------------------------------------------------------------------------- synthetic data
-# Small scenes of coloured squares ("objects") seen by a slowly panning camera, with questions whose
-# answers follow from how the scene was drawn. Same file format as VSI-Bench.
-COLOURS = {"chair": ("red", (220, 40, 40)), "table": ("blue", (40, 80, 230)), "sofa": ("green", (40, 200, 60)),
-           "lamp": ("yellow", (240, 220, 40))}
-SYNTHETIC_TYPES = ("object_counting", "object_rel_direction", "object_colour")
-GRID, CELL = 4, 28  # objects sit in distinct cells of a 4x4 grid over a 112x112 room
-
-
-def synthetic_scene(question_type: str, num_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
-    """Frames [T, 112, 112, 3] of a random room seen by a camera panning 8 px, a question and its answer."""
-    a, b = (str(name) for name in rng.permutation(list(COLOURS))[:2])
-    free = [(int(c) // GRID, int(c) % GRID) for c in rng.permutation(GRID * GRID)]
-    if question_type == "object_counting":
-        count = int(rng.integers(1, 5))
-        cells, question, answer = {a: free[:count], b: free[count:count + 2]}, f"How many {a}(s) are in this room?", \
-            str(count)
-    elif question_type == "object_rel_direction":
-        other = next(cell for cell in free if cell[1] != free[0][1])  # a different column
-        cells, question = {a: [free[0]], b: [other]}, f"Is the {a} to the left or to the right of the {b}?"
-        answer = "left" if free[0][1] < other[1] else "right"
-    else:  # object_colour: one large object (2x2 cells), so its colour fills whole video tokens
-        row, col = (int(x) for x in rng.integers(0, GRID - 1, 2))
-        cells, question, answer = {a: [(row + i, col + j) for j in (0, 1) for i in (0, 1)]}, \
-            "What colour is the object in this room?", COLOURS[a][0]
-    room = np.full((GRID * CELL + 8, GRID * CELL + 8, 3), 90, np.uint8)  # a 4 px margin for jitter and pan
-    for name, positions in cells.items():
-        for row, col in positions:
-            y, x = row * CELL + 4 + rng.integers(0, 5), col * CELL + 4 + rng.integers(0, 5)
-            room[y:y + 18, x:x + 18] = COLOURS[name][1]
-    pans = np.linspace(0, 8, num_frames).round().astype(int)
-    return np.stack([room[4:4 + GRID * CELL, p:p + GRID * CELL] for p in pans]), question, answer
-
-
-def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:  # near-lossless H.264
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "10"})
-        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-
-
-def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num_frames: int = 8,
-                            name: str = "train", scale: int = 1) -> str:
-    """Write videos under out_dir/videos and rows, in VSI-Bench's field names, to out_dir/{name}.jsonl (the path
-    returned). `scale` enlarges the frames (4: 448x448, enough to fill Qwen2-VL's usual pixel budget)."""
-    rng, rows = np.random.default_rng(seed), []
-    for i in range(num_questions):
-        question_type, scene = SYNTHETIC_TYPES[i % len(SYNTHETIC_TYPES)], f"{name}_{i:05d}"
-        frames, question, answer = synthetic_scene(question_type, num_frames, rng)
-        write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"),
-                    frames.repeat(scale, 1).repeat(scale, 2))
-        rows.append({"id": scene, "dataset": "synthetic", "scene_name": scene, "question_type": question_type,
-                     "question": question, "ground_truth": answer, "options": []})
-    with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    return os.path.join(out_dir, f"{name}.jsonl")

@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def synthetic(tmp_path_factory):
     """A small synthetic dataset and a tiny checkpoint whose vocabulary covers it."""
     root = str(tmp_path_factory.mktemp("synthetic"))
-    path = data.write_synthetic_dataset(root, 12, seed=0)
+    path = vsgrpo.write_synthetic_dataset(root, 12, seed=0)
     rows = [json.loads(line) for line in open(path)]
     model_dir = os.path.join(root, "tiny-qwen2-vl")
     vsgrpo.build_random_model(model_dir, [r["question"] + " " + r["ground_truth"] for r in rows] +
@@ -705,12 +705,13 @@ def test_a_bad_video_is_reported_remembered_and_replaced_by_a_row_known_to_be_go
     args = make_args(synthetic)
     samples = data.load_samples([synthetic["data"]], synthetic["videos"], "vanilla")
     samples[1] = dict(samples[1], video="/missing/one.mp4")
-    health = data.VideoHealth()
-    loaded, videos, failures = data.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0), health)
-    assert len(loaded) == len(videos) == 4 and len(failures) == 1 and health.bad == {"/missing/one.mp4"}
+    decoded = {}
+    loaded, videos, failures = data.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0), decoded)
+    assert len(loaded) == len(videos) == 4 and len(failures) == 1
+    assert [video for video, ok in decoded.items() if not ok] == ["/missing/one.mp4"]
     assert samples[1] not in loaded and loaded[3]["video"] in {samples[i]["video"] for i in (0, 2, 3)}
     assert "/missing/one.mp4" in capsys.readouterr().err
-    loaded, _, failures = data.load_batch(samples, [1, 5], args, np.random.default_rng(0), health)
+    loaded, _, failures = data.load_batch(samples, [1, 5], args, np.random.default_rng(0), decoded)
     assert failures == [] and samples[1] not in loaded            # known bad: skipped without another try
     assert capsys.readouterr().err == ""
 
@@ -719,9 +720,9 @@ def test_a_batch_that_cannot_be_filled_comes_back_short_instead_of_raising(synth
     args = make_args(synthetic)
     samples = [dict(s, video=f"/missing/{i}.mp4") for i, s in enumerate(data.load_samples(
         [synthetic["data"]], synthetic["videos"], "vanilla"))]
-    health = data.VideoHealth()
-    loaded, _, failures = data.load_batch(samples, [0, 1], args, np.random.default_rng(0), health)
-    assert loaded == [] and len(failures) == 12 and len(health.bad) == 12     # every video tried once, then given up
+    decoded = {}
+    loaded, _, failures = data.load_batch(samples, [0, 1], args, np.random.default_rng(0), decoded)
+    assert loaded == [] and len(failures) == 12 and list(decoded.values()) == [False] * 12     # every video tried once, then given up
 
 
 def test_each_process_takes_different_questions_and_an_epoch_covers_all_once():
@@ -1520,7 +1521,7 @@ def test_videos_failing_mid_run_stop_it_over_the_fraction_saving_first_and_loggi
 
 
 def test_check_data_runs_trainings_preprocessing_so_what_it_passes_trains(tmp_path, capsys):
-    data.write_video(str(tmp_path / "videos" / "wide.mp4"), np.zeros((4, 16, 4000, 3), np.uint8))
+    vsgrpo.write_video(str(tmp_path / "videos" / "wide.mp4"), np.zeros((4, 16, 4000, 3), np.uint8))
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"question": "How many?", "ground_truth": "2", "path": "wide.mp4"}) + "\n")
     with pytest.raises(SystemExit) as stop:

@@ -23,6 +23,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from copy import deepcopy
 from dataclasses import dataclass
 
+import av
 import numpy as np
 import torch
 import torch.nn as nn
@@ -37,9 +38,8 @@ from transformers import (AutoTokenizer, GenerationConfig, PreTrainedTokenizerFa
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as transformers_logging
 
-from data import (NUMERIC_TYPES, PROMPTS, DataError, VideoHealth, batch_indices, benchmark_prompt, check_videos,
-                  expand_paths, load_batch, load_samples, load_video, prompt_ids, question_text, read_rows,
-                  write_synthetic_dataset)
+from data import (NUMERIC_TYPES, PROMPTS, DataError, batch_indices, benchmark_prompt, check_videos, expand_paths,
+                  load_batch, load_samples, load_video, prompt_ids, question_text, read_rows)
 from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score, benchmark_score,
                      clean_prediction, extract_answer, no_video_baseline, score_completions, task_scores)
 
@@ -479,7 +479,7 @@ class Run:
     lock, resuming, metrics, evaluation, checkpoints and safe stops."""
 
     def __init__(self, args):
-        self.args, self.samples, self.health, self.nonfinite_in_a_row = args, checked_samples(args), VideoHealth(), 0
+        self.args, self.samples, self.decoded, self.nonfinite_in_a_row = args, checked_samples(args), {}, 0
         self.eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)[:args.eval_limit or None] \
             if args.eval_every else []
         check_model(args.model)
@@ -539,8 +539,8 @@ class Run:
         args, rank, world = self.args, self.accelerator.process_index, self.accelerator.num_processes
         indices = batch_indices(step - 1, rank, world, args.batch_size, len(self.samples), args.seed)
         rng = np.random.default_rng([args.seed, step, rank])
-        rows, videos, self.failures = load_batch(self.samples, indices, args, rng, self.health)
-        stop = agreed_stop(self.accelerator, self.signals, self.health, len(rows) < len(indices), args)
+        rows, videos, self.failures = load_batch(self.samples, indices, args, rng, self.decoded)
+        stop = agreed_stop(self.accelerator, self.signals, self.decoded, len(rows) < len(indices), args)
         if stop:
             self.stop(*stop, save_step=step - 1, failed_step=step)
         return rows, videos
@@ -920,9 +920,9 @@ class StopSignals:
 MIN_VIDEOS_TRIED = 10  # before --max-bad-video-fraction applies: one bad video among the first few is no verdict
 
 
-def agreed_stop(accelerator, signals: StopSignals, health: VideoHealth, batch_short: bool, args) -> tuple | None:
+def agreed_stop(accelerator, signals: StopSignals, decoded: dict, batch_short: bool, args) -> tuple | None:
     """(reason, exit code) when any process must stop; every process gets the same answer."""
-    mine = torch.tensor([[signals.received, len(health.good | health.bad), len(health.bad), batch_short]],
+    mine = torch.tensor([[signals.received, len(decoded), list(decoded.values()).count(False), batch_short]],
                         dtype=torch.float64, device=accelerator.device)
     received, tried, bad, short = accelerator.gather(mine).cpu().T                         # each [W]
     if received.max() > 0:
@@ -1065,7 +1065,67 @@ def run_evaluation(args) -> dict:
     return write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
 
 
-# ---------------------------------------------------------------------------- random models: the demo's, the benchmark's, the tests'
+# ---------------------------------------------------------------------------- synthetic data and models (demo, benchmark, tests)
+# Small scenes of coloured squares ("objects") seen by a slowly panning camera, with questions whose
+# answers follow from how the scene was drawn. Same file format as VSI-Bench.
+COLOURS = {"chair": ("red", (220, 40, 40)), "table": ("blue", (40, 80, 230)), "sofa": ("green", (40, 200, 60)),
+           "lamp": ("yellow", (240, 220, 40))}
+SYNTHETIC_TYPES = ("object_counting", "object_rel_direction", "object_colour")
+GRID, CELL = 4, 28  # objects sit in distinct cells of a 4x4 grid over a 112x112 room
+
+
+def synthetic_scene(question_type: str, num_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
+    """Frames [T, 112, 112, 3] of a random room seen by a camera panning 8 px, a question and its answer."""
+    a, b = (str(name) for name in rng.permutation(list(COLOURS))[:2])
+    free = [(int(c) // GRID, int(c) % GRID) for c in rng.permutation(GRID * GRID)]
+    if question_type == "object_counting":
+        count = int(rng.integers(1, 5))
+        cells, question, answer = {a: free[:count], b: free[count:count + 2]}, f"How many {a}(s) are in this room?", \
+            str(count)
+    elif question_type == "object_rel_direction":
+        other = next(cell for cell in free if cell[1] != free[0][1])  # a different column
+        cells, question = {a: [free[0]], b: [other]}, f"Is the {a} to the left or to the right of the {b}?"
+        answer = "left" if free[0][1] < other[1] else "right"
+    else:  # object_colour: one large object (2x2 cells), so its colour fills whole video tokens
+        row, col = (int(x) for x in rng.integers(0, GRID - 1, 2))
+        cells, question, answer = {a: [(row + i, col + j) for j in (0, 1) for i in (0, 1)]}, \
+            "What colour is the object in this room?", COLOURS[a][0]
+    room = np.full((GRID * CELL + 8, GRID * CELL + 8, 3), 90, np.uint8)  # a 4 px margin for jitter and pan
+    for name, positions in cells.items():
+        for row, col in positions:
+            y, x = row * CELL + 4 + rng.integers(0, 5), col * CELL + 4 + rng.integers(0, 5)
+            room[y:y + 18, x:x + 18] = COLOURS[name][1]
+    pans = np.linspace(0, 8, num_frames).round().astype(int)
+    return np.stack([room[4:4 + GRID * CELL, p:p + GRID * CELL] for p in pans]), question, answer
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:  # near-lossless H.264
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "10"})
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num_frames: int = 8,
+                            name: str = "train", scale: int = 1) -> str:
+    """Write videos under out_dir/videos and rows, in VSI-Bench's field names, to out_dir/{name}.jsonl (the path
+    returned). `scale` enlarges the frames (4: 448x448, enough to fill Qwen2-VL's usual pixel budget)."""
+    rng, rows = np.random.default_rng(seed), []
+    for i in range(num_questions):
+        question_type, scene = SYNTHETIC_TYPES[i % len(SYNTHETIC_TYPES)], f"{name}_{i:05d}"
+        frames, question, answer = synthetic_scene(question_type, num_frames, rng)
+        write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"),
+                    frames.repeat(scale, 1).repeat(scale, 2))
+        rows.append({"id": scene, "dataset": "synthetic", "scene_name": scene, "question_type": question_type,
+                     "question": question, "ground_truth": answer, "options": []})
+    with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return os.path.join(out_dir, f"{name}.jsonl")
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # Shapes of Qwen2-VL with random weights. 2b and 7b are Qwen2-VL-2B/7B-Instruct's config.json, so a full-size
