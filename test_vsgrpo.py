@@ -24,6 +24,8 @@ import rewards
 import vsgrpo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     """A small synthetic dataset and a tiny checkpoint whose vocabulary covers it."""
@@ -32,7 +34,7 @@ def synthetic(tmp_path_factory):
     rows = [json.loads(line) for line in open(path)]
     model_dir = os.path.join(root, "tiny-qwen2-vl")
     vsgrpo.build_random_model(model_dir, [r["question"] + " " + r["ground_truth"] for r in rows] +
-                            list(data.PROMPTS.values()) + ["system you are a helpful assistant user"])
+                              list(data.PROMPTS.values()) + ["system you are a helpful assistant user"])
     return {"root": root, "data": path, "videos": os.path.join(root, "videos"), "model": model_dir, "rows": rows}
 
 
