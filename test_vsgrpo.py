@@ -461,6 +461,28 @@ def test_lora_wraps_every_attention_and_mlp_projection_of_the_language_model_onl
     assert trainable == {f"{n}.lora_{ab}" for n in wrapped for ab in "AB"}
 
 
+def test_lora_over_bf16_weights_trains_float32_adapters_that_take_every_small_step():
+    # On a GPU the frozen weights are bf16. An AdamW step of lr moves each entry by about lr (1e-5), far
+    # below bf16's resolution at lora_A's scale (|a| ~ 0.1, a step of 2^-8 * 0.1 ~ 4e-4): most would round away.
+    torch.manual_seed(0)
+    layer = vsgrpo.LoRALinear(torch.nn.Linear(32, 16).to(torch.bfloat16), rank=4, alpha=8)
+    optimizer = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-5, weight_decay=0.0)
+    start = layer.lora_A.detach().clone()
+    for _ in range(2):  # B = 0 at first, so A's gradient is 0 until B has taken one step
+        x = torch.randn(8, 32).to(torch.bfloat16)
+        out = layer(x)
+        assert out.dtype == torch.bfloat16                                 # the model's activations stay bf16
+        out.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert (layer.lora_A != start).all() and (layer.lora_B != 0).all()
+    # Merged in float32 and rounded once into the weight's own dtype, as a plain Qwen2-VL stores it.
+    merged = vsgrpo.merged_state_dict(torch.nn.Sequential(layer))["0.weight"]
+    expected = (layer.weight.float() + 2 * layer.lora_B @ layer.lora_A).to(torch.bfloat16)
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, expected)
+
+
 def test_merged_checkpoint_gives_the_adapter_models_logits(synthetic, tmp_path):
     args, lora, tokenizer = load_tiny(synthetic)
     torch.manual_seed(1)

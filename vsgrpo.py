@@ -84,16 +84,16 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same frozen tensors, not copies
-        like = dict(dtype=base.weight.dtype, device=base.weight.device)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))
+        # float32 even over bf16 weights: AdamW moves an entry by ~lr (1e-5) a step, which bf16 would round away.
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=torch.float32, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.scale, self.enabled = alpha / rank, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if self.enabled:
-            out = out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+            out = out + (F.linear(F.linear(x.float(), self.lora_A), self.lora_B) * self.scale).to(out.dtype)
         return out
 
 
@@ -122,9 +122,10 @@ def lora_disabled(model: nn.Module):
 
 
 # ============================================================================ 3. model, batch and video features
-def load_model(args, device: torch.device):
-    """Policy pi_theta (with LoRA adapters unless --lora-rank 0) and its tokenizer."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def load_model(args, device: torch.device, training: bool = True):
+    """Policy pi_theta (with LoRA adapters unless --lora-rank 0) and its tokenizer. bf16 on a GPU, but weights that
+    AdamW trains stay float32 (LoRA's adapters; here, full fine-tuning's): bf16 would round away steps of ~lr."""
+    dtype = torch.bfloat16 if device.type == "cuda" and (args.lora_rank > 0 or not training) else torch.float32
     # sdpa, transformers' default: flash_attention_2 takes no 4-D mask, and eager adds a boolean one.
     model = Qwen2VLForConditionalGeneration.from_pretrained(
         args.model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code).to(device)
@@ -165,8 +166,7 @@ def video_token_types(input_ids: torch.Tensor, model) -> torch.Tensor:  # mm_tok
     return (2 * (input_ids == inner(model).config.video_token_id)).int()
 
 
-# Each pass of a step (generation, pi_old, pi_ref, pi_theta) needs every question's video. The vision tower
-# is frozen in both training modes, so a video's features cannot change within a step: encode it once.
+# The vision tower is frozen: the features each pass of a step needs (sampling, pi_old, pi_ref, pi_theta) are fixed.
 @torch.no_grad()
 def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
     """Each distinct video of the batch through the vision tower and merger, once: B x [t*h*w/4, D].
@@ -698,9 +698,10 @@ class RunStopped(Exception):
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of a plain Qwen2-VL: each W replaced by W + (alpha / r) B A, adapters dropped."""
+    """State dict of a plain Qwen2-VL: each W replaced by W + (alpha / r) B A (summed in float32, stored in W's
+    dtype), adapters dropped."""
     state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    state.update({f"{name}.weight": (m.weight + m.scale * (m.lora_B @ m.lora_A)).detach()
+    state.update({f"{name}.weight": (m.weight.float() + m.scale * (m.lora_B @ m.lora_A)).to(m.weight.dtype).detach()
                   for name, m in model.named_modules() if isinstance(m, LoRALinear)})
     return state
 
@@ -1060,7 +1061,7 @@ def run_evaluation(args) -> dict:
         os.makedirs(args.output_dir, exist_ok=True)
         free_output_dir(args.output_dir, args.overwrite, r"predictions\.jsonl|metrics\.json")
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
-    policy, tokenizer = load_model(args, accelerator.device)
+    policy, tokenizer = load_model(args, accelerator.device, training=False)
     predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
     return write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
 
