@@ -1350,6 +1350,27 @@ def test_resume_with_nothing_to_resume_stops_and_changes_nothing(synthetic, tmp_
     assert checkpoint_files(tmp_path) == before
 
 
+def test_resume_never_writes_over_a_newer_checkpoint_or_another_run_and_continues_in_a_free_directory(
+        synthetic, tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    flags = training_flags(synthetic, run, "--max-steps", "4", "--save-every", "2", "--log-completions-every", "0")
+    vsgrpo.main(flags)
+    before = checkpoint_files(run)
+    older = str(run / "checkpoint-000002")
+    with pytest.raises(SystemExit, match=f"--resume {older}: {run} holds newer checkpoints \\(checkpoint-000004\\)"):
+        vsgrpo.main(flags + ["--resume", older])                      # training on would write over them
+    assert checkpoint_files(run) == before                              # metrics.jsonl too
+    vsgrpo.main(flags + ["--resume", older, "--output-dir", str(elsewhere)])
+    assert [json.loads(line)["step"] for line in open(elsewhere / "metrics.jsonl")] == [3, 4]
+    resumed, original = (load_file_from(d / "checkpoint-000004" / "trainer" / "trainable.safetensors")
+                         for d in (elsewhere, run))
+    assert resumed.keys() == original.keys() and all(torch.equal(resumed[k], original[k]) for k in original)
+    kept = checkpoint_files(elsewhere)
+    with pytest.raises(SystemExit, match=f"--output-dir {elsewhere} holds an earlier run"):
+        vsgrpo.main(flags + ["--resume", older, "--output-dir", str(elsewhere)])  # again: it holds a run now
+    assert checkpoint_files(elsewhere) == kept
+
+
 def test_resume_refuses_another_configuration_naming_the_flags_and_allows_a_longer_run(synthetic, tmp_path):
     flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--log-completions-every", "0")
     vsgrpo.main(flags)
@@ -1559,8 +1580,7 @@ def test_a_stop_right_after_resuming_into_another_directory_saves_its_checkpoint
     videos = copy_dataset(synthetic, tmp_path)
     flags = lambda out, *extra: [*training_flags(synthetic, out, "--log-completions-every", "0", *extra),
                                  "--video-root", videos]
-    vsgrpo.main(flags(tmp_path / "a", "--max-steps", "2", "--save-every", "2"))
-    vsgrpo.main(flags(tmp_path / "b", "--max-steps", "1", "--save-every", "1"))     # b holds another checkpoint
+    vsgrpo.main(flags(tmp_path / "a", "--max-steps", "2", "--save-every", "2"))     # b: a directory of its own
     for name in os.listdir(os.path.join(videos, "synthetic")):                       # every video breaks
         open(os.path.join(videos, "synthetic", name), "r+b").truncate(1500)
     capsys.readouterr()

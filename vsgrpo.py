@@ -505,9 +505,6 @@ class Run:
             release_lock(self.lock)
             raise
         self.steps = args.max_steps or max(1, len(self.samples) // (args.batch_size * world))
-        # The newest checkpoint in this directory; decided from the flags alone, so that every process agrees.
-        here = resume_from and os.path.dirname(os.path.abspath(resume_from)) == os.path.abspath(args.output_dir)
-        self.last_saved = self.start if here else -1
         if self.lock:
             keep_metrics_up_to(os.path.join(args.output_dir, "metrics.jsonl"), self.start)
             if not resume_from:
@@ -570,10 +567,12 @@ class Run:
         self.encodings["videos"] = 0
 
     def save(self, step: int) -> str:
-        if step > self.last_saved:
+        path = os.path.join(self.args.output_dir, f"checkpoint-{step:06d}")
+        # Saved already (a stop right after a scheduled save, or after resuming). Every process sees the same
+        # answer: a checkpoint appears only at the end of save_checkpoint, after all of them have called it.
+        if not os.path.isdir(path):
             save_checkpoint(self.accelerator, self.policy, self.optimizer, self.tokenizer, self.args, step)
-            self.last_saved = step
-        return os.path.join(self.args.output_dir, f"checkpoint-{step:06d}")
+        return path
 
     def stop(self, reason: str, code: int, save_step: int, failed_step: int | None = None):
         """Any stop the run handles itself: save `save_step`, log the step that failed, exit with `code`."""
@@ -793,7 +792,8 @@ def checkpoints(output_dir: str) -> list[str]:
 
 def checkpoint_to_resume(args, world_size: int) -> str:
     """The checkpoint to continue from. --resume PATH must verify against its manifest; plain --resume takes
-    the newest that does, setting damaged ones aside. Either must come from a run with these settings."""
+    the newest that does, setting damaged ones aside. Either must come from a run with these settings, and training
+    on from it must not write over a newer checkpoint, or over another run when it continues in another directory."""
     if args.resume != "latest":
         problem = checkpoint_problem(args.resume)
         if problem:
@@ -801,6 +801,13 @@ def checkpoint_to_resume(args, world_size: int) -> str:
                          if not checkpoint_problem(c)), None)
             raise DataError(f"--resume {args.resume}: {problem}" +
                             (f". The newest checkpoint that verifies is {good}: pass --resume {good}" if good else ""))
+        if os.path.dirname(os.path.abspath(args.resume)) != os.path.abspath(args.output_dir):
+            free_output_dir(args.output_dir, args.overwrite)  # continuing elsewhere: into a directory of its own
+        name = os.path.basename(os.path.normpath(args.resume))
+        newer = [os.path.basename(c) for c in checkpoints(args.output_dir) if os.path.basename(c) > name]
+        if newer:
+            raise DataError(f"--resume {args.resume}: {args.output_dir} holds newer checkpoints ({', '.join(newer)}), "
+                            "which training on would write over. Continue in another --output-dir")
         return same_run(args.resume, args, world_size)
     for path in reversed(checkpoints(args.output_dir)):
         problem = checkpoint_problem(path)
