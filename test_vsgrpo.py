@@ -1350,6 +1350,15 @@ def test_resume_with_nothing_to_resume_stops_and_changes_nothing(synthetic, tmp_
     assert checkpoint_files(tmp_path) == before
 
 
+def test_resume_drops_a_metrics_line_torn_by_a_full_disk_and_logs_the_redone_step(synthetic, tmp_path):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "2", "--log-completions-every", "0")
+    vsgrpo.main(flags)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')                                  # step 3's line, cut off mid-write
+    vsgrpo.main(flags + ["--resume", "--max-steps", "3"])
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_resume_never_writes_over_a_newer_checkpoint_or_another_run_and_continues_in_a_free_directory(
         synthetic, tmp_path):
     run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"

@@ -854,7 +854,9 @@ def restore_checkpoint(path: str, policy, optimizer, rank: int) -> int:
 
 def keep_metrics_up_to(path: str, step: int) -> None:
     """A resumed run keeps the log of the steps it does not redo; a new run starts an empty log."""
-    kept = [line for line in open(path) if json.loads(line)["step"] <= step] if step and os.path.exists(path) else []
+    lines = open(path).readlines() if step and os.path.exists(path) else []
+    # Whole lines only: a full disk or a kill can cut off the last one mid-write.
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
     with open(path, "w") as f:
         f.writelines(kept)
 
