@@ -123,8 +123,8 @@ def lora_disabled(model: nn.Module):
 
 # ============================================================================ 3. model, batch and video features
 def load_model(args, device: torch.device, training: bool = True):
-    """Policy pi_theta (with LoRA adapters unless --lora-rank 0) and its tokenizer. bf16 on a GPU, but weights that
-    AdamW trains stay float32 (LoRA's adapters; here, full fine-tuning's): bf16 would round away steps of ~lr."""
+    """Policy pi_theta (with LoRA adapters unless --lora-rank 0) and its tokenizer. bf16 on a GPU, except for full
+    fine-tuning: AdamW's steps of ~lr would round away in bf16 weights (LoRA keeps its adapters float32)."""
     dtype = torch.bfloat16 if device.type == "cuda" and (args.lora_rank > 0 or not training) else torch.float32
     # sdpa, transformers' default: flash_attention_2 takes no 4-D mask, and eager adds a boolean one.
     model = Qwen2VLForConditionalGeneration.from_pretrained(
