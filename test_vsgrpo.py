@@ -1253,6 +1253,15 @@ def test_training_refuses_bad_rows_before_loading_any_model(synthetic, tmp_path)
         vsgrpo.main(["--model", "/no/such/model", "--data", rows, "--video-root", str(tmp_path / "videos")])
 
 
+def test_held_out_videos_missing_for_eval_every_stop_training_before_any_model_loads(synthetic, tmp_path):
+    rows = tmp_path / "heldout.jsonl"
+    rows.write_text(json.dumps({"dataset": "synthetic", "scene_name": "no_such_scene", "question_type": "object_counting",
+                                "question": "How many chairs?", "ground_truth": "2"}) + "\n")
+    with pytest.raises(SystemExit, match=f"(?s)--eval-data: 1 of 1 videos missing.*{rows} row 1: video not found"):
+        vsgrpo.main(["--model", "/no/such/model", "--data", synthetic["data"], "--video-root", synthetic["videos"],
+                     "--eval-every", "1", "--eval-data", str(rows), "--eval-video-root", synthetic["videos"]])
+
+
 @rewards.reward("nan_on_step_2")
 def nan_on_step_2(completions, samples, calls=[]):
     calls.append(1)

@@ -482,6 +482,10 @@ class Run:
         self.args, self.samples, self.decoded, self.nonfinite_in_a_row = args, checked_samples(args), {}, 0
         self.eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)[:args.eval_limit or None] \
             if args.eval_every else []
+        missing = check_videos(self.eval_rows, args, decode=False)  # else eval_avg would silently cover fewer
+        if missing:
+            raise DataError(f"--eval-data: {len(missing)} of {len({r['video'] for r in self.eval_rows})} videos "
+                            "missing:\n  " + "\n  ".join(missing[:10]))
         check_model(args.model)
         self.accelerator = accelerator = make_accelerator(args.report_to, args.output_dir)
         world, self.lock = accelerator.num_processes, take_lock(args.output_dir) if accelerator.is_main_process else None
