@@ -1137,6 +1137,19 @@ def test_reward_curve_draws_one_column_per_bucket_of_steps():
     assert chart[0] == " 1.00 | #" and chart[1] == " 0.50 | #" and chart[2] == "      +--"
 
 
+def test_the_same_seed_writes_byte_identical_videos(tmp_path):
+    # The demo's outcome, and the README's table, must not hang on the encoder: under its default rate control
+    # x264 wrote about one video in ten differently from one run to the next, pixels up to 7 levels apart.
+    for name in ("a", "b"):  # two runs, as a user runs the demo twice
+        subprocess.run([sys.executable, "-c", f"import vsgrpo; vsgrpo.write_synthetic_dataset({str(tmp_path / name)!r}, "
+                        "150, seed=3)"], cwd=HERE, check=True)
+    videos = sorted(os.listdir(tmp_path / "a" / "videos" / "synthetic"))
+    assert len(videos) == 150
+    differ = [v for v in videos if (tmp_path / "a" / "videos" / "synthetic" / v).read_bytes() !=
+              (tmp_path / "b" / "videos" / "synthetic" / v).read_bytes()]
+    assert differ == []
+
+
 def test_shortened_demo_trains_a_tiny_model_offline_and_raises_held_out_accuracy(tmp_path, capsys):
     result = vsgrpo.main(["--demo", "--output-dir", str(tmp_path), "--max-steps", "80", "--log-completions-every", "40"])
     for name in ("train.jsonl", "heldout.jsonl", "run/metrics.jsonl", "demo.json", "model/config.json",

@@ -1113,10 +1113,11 @@ def synthetic_scene(question_type: str, num_frames: int, rng: np.random.Generato
     return np.stack([room[4:4 + GRID * CELL, p:p + GRID * CELL] for p in pans]), question, answer
 
 
-def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:  # near-lossless H.264
+def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:
+    """Near-lossless H.264 at a constant quantiser: the same bytes on every run, which crf's rate control is not."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "10"})
+        stream = container.add_stream("libx264", rate=fps, options={"qp": "10"})
         stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
