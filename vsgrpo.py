@@ -1215,11 +1215,12 @@ def synthetic_setup(out: str, size: str, num_questions: int, seed: int = 0, **vi
 
 # ---------------------------------------------------------------------------- the demo
 def demo_flags(out: str) -> list[str]:
-    """The demo's settings; flags given after --demo override them."""
+    """The demo's settings; flags given after --demo override them. At --learning-rate 1e-3, 2 of seeds 0 to 4 settled
+    on one answer to every colour question before learning to see colour; at 5e-4, 1 of seeds 0 to 9 did."""
     return ["--model", f"{out}/model", "--data", f"{out}/train.jsonl", "--video-root", f"{out}/videos",
             "--eval-data", f"{out}/heldout.jsonl", "--eval-video-root", f"{out}/videos", "--num-frames", "4",
             "--eval-num-frames", "4", "--max-pixels", str(56 * 56), "--max-completion-length", "1",
-            "--lora-rank", "0", "--learning-rate", "1e-3", "-G", "8", "--batch-size", "16", "--micro-batch-size",
+            "--lora-rank", "0", "--learning-rate", "5e-4", "-G", "8", "--batch-size", "16", "--micro-batch-size",
             "128", "--max-steps", "400", "--save-every", "400", "--log-completions-every", "100",
             "--eval-batch-size", "50"]
 
