@@ -1275,6 +1275,15 @@ def test_held_out_videos_missing_for_eval_every_stop_training_before_any_model_l
                      "--eval-every", "1", "--eval-data", str(rows), "--eval-video-root", synthetic["videos"]])
 
 
+def test_held_out_rows_of_a_type_vsi_bench_does_not_score_stop_training_before_any_model_loads(synthetic, tmp_path):
+    rows = tmp_path / "heldout.jsonl"  # counting is one of VSI-Bench's question types; the synthetic others are not
+    rows.write_text("".join(json.dumps(row) + "\n" for row in synthetic["rows"][:3]))
+    with pytest.raises(SystemExit, match=f"(?s)--eval-data: 2 of 3 rows are of question types VSI-Bench does not score.*"
+                                         f"{rows} row 2: object_rel_direction\n  {rows} row 3: object_colour$"):
+        vsgrpo.main(["--model", "/no/such/model", "--data", synthetic["data"], "--video-root", synthetic["videos"],
+                     "--eval-every", "1", "--eval-data", str(rows), "--eval-video-root", synthetic["videos"]])
+
+
 @rewards.reward("nan_on_step_2")
 def nan_on_step_2(completions, samples, calls=[]):
     calls.append(1)

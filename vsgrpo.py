@@ -486,6 +486,10 @@ class Run:
         if missing:
             raise DataError(f"--eval-data: {len(missing)} of {len({r['video'] for r in self.eval_rows})} videos "
                             "missing:\n  " + "\n  ".join(missing[:10]))
+        unscored = [f"{r['source']}: {r['question_type']}" for r in self.eval_rows if r["question_type"] not in BENCHMARK_TYPES]
+        if unscored:
+            raise DataError(f"--eval-data: {len(unscored)} of {len(self.eval_rows)} rows are of question types VSI-Bench "
+                            "does not score; eval_avg would leave them out:\n  " + "\n  ".join(unscored[:10]))
         check_model(args.model)
         self.accelerator = accelerator = make_accelerator(args.report_to, args.output_dir)
         world, self.lock = accelerator.num_processes, take_lock(args.output_dir) if accelerator.is_main_process else None
