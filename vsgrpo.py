@@ -1390,7 +1390,7 @@ def flag_problems(args) -> list[str]:
         (not args.data and not (args.eval_only or args.demo or args.benchmark), "--data is required (no data yet? try --demo)"),
         (args.benchmark and args.max_steps == 1, "--benchmark needs --max-steps of 2 or more: step 1 is warm-up"),
         ((args.eval_only or args.eval_every) and not args.eval_data, "--eval-only and --eval-every need --eval-data"),
-        (args.report_to not in trackers, f"--report-to {args.report_to}: not installed (installed: {sorted(trackers)})"),
+        (args.report_to not in trackers, f"--report-to {args.report_to}: not installed (choices here: {sorted(trackers)})"),
         (not os.path.isdir(existing), f"--output-dir {args.output_dir}: {existing} is a file, not a directory"),
         (os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK),
          f"--output-dir {args.output_dir}: {existing} is not writable"),
