@@ -1360,7 +1360,7 @@ def test_a_second_run_into_a_used_output_dir_stops_before_loading_and_overwrite_
     before = checkpoint_files(tmp_path)
     monkeypatch.setattr(vsgrpo, "load_model", fail_on_call(vsgrpo.load_model, 1))   # loading would be too late
     for again in (flags, flags + ["--seed", "1"]):
-        with pytest.raises(SystemExit, match="holds an earlier run .*Continue it with --resume.* --overwrite"):
+        with pytest.raises(SystemExit, match="holds an earlier run .*: continue it with --resume.* --overwrite"):
             vsgrpo.main(again)
     assert checkpoint_files(tmp_path) == before                      # nothing touched
     monkeypatch.undo()
@@ -1370,6 +1370,19 @@ def test_a_second_run_into_a_used_output_dir_stops_before_loading_and_overwrite_
             f"{tmp_path}") in capsys.readouterr().err
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 1 and not os.path.exists(tmp_path / "checkpoint-000002")
     assert json.load(open(tmp_path / "args.json"))["seed"] == 1
+
+
+@pytest.mark.parametrize("tool, left", [("--demo", "run/metrics.jsonl"), ("--benchmark", "benchmark.json"),
+                                         ("--eval-only", "metrics.json")])
+def test_only_training_is_told_to_resume_an_earlier_run_in_its_output_dir(synthetic, tmp_path, tool, left):
+    os.makedirs(os.path.dirname(tmp_path / left), exist_ok=True)
+    (tmp_path / left).write_text("{}\n")
+    flags = {"--demo": [], "--benchmark": ["tiny"], "--eval-only": ["--model", synthetic["model"], "--eval-data",
+                                                                     synthetic["data"]]}[tool]
+    with pytest.raises(SystemExit) as stopped:  # none of these tools can --resume: it would only repeat this message
+        vsgrpo.main([tool, *flags, "--output-dir", str(tmp_path)])
+    assert "holds an earlier run" in str(stopped.value) and "--resume" not in str(stopped.value)
+    assert str(stopped.value).endswith("choose another --output-dir, or delete it with --overwrite")
 
 
 def test_resume_with_nothing_to_resume_stops_and_changes_nothing(synthetic, tmp_path):

@@ -495,7 +495,7 @@ class Run:
         world, self.lock = accelerator.num_processes, take_lock(args.output_dir) if accelerator.is_main_process else None
         try:  # one process looks into the output directory and claims it; all go on from what it found
             found = self.lock and (checkpoint_to_resume(args, world) if args.resume else
-                                   free_output_dir(args.output_dir, args.overwrite))
+                                   free_output_dir(args.output_dir, args.overwrite, resumable=True))
             [resume_from] = broadcast_object_list([found])
             set_seed(args.seed)  # the same LoRA initialisation on every process
             model, self.tokenizer = load_model(args, accelerator.device)
@@ -872,13 +872,14 @@ def keep_metrics_up_to(path: str, step: int) -> None:
 RUN_FILES = r"metrics\.jsonl|args\.json|checkpoint-.*"  # what a training run writes into its --output-dir
 
 
-def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES) -> None:
-    """Before any model loads: stop if an earlier run is in output_dir, or delete it when --overwrite asks."""
+def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES, resumable: bool = False) -> None:
+    """Before any model loads: stop if an earlier run is in output_dir, or delete it when --overwrite asks.
+    Only a new training run can continue the earlier one instead (`resumable`); the tools never resume."""
     found = sorted(n for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else []) if re.fullmatch(names, n))
     if found and not overwrite:
+        choices = "continue it with --resume, choose" if resumable else "choose"
         raise DataError(f"--output-dir {output_dir} holds an earlier run ({', '.join(found[:4])}"
-                        f"{', ...' if len(found) > 4 else ''}). Continue it with --resume, choose another "
-                        "--output-dir, or delete it with --overwrite")
+                        f"{', ...' if len(found) > 4 else ''}): {choices} another --output-dir, or delete it with --overwrite")
     if found:
         print(f"--overwrite: deleting {', '.join(found)} from {output_dir}", file=sys.stderr)
     for path in (os.path.join(output_dir, n) for n in found):
