@@ -1372,6 +1372,16 @@ def test_a_second_run_into_a_used_output_dir_stops_before_loading_and_overwrite_
     assert json.load(open(tmp_path / "args.json"))["seed"] == 1
 
 
+def test_the_trackers_logs_in_the_output_dir_belong_to_its_run(synthetic, tmp_path):
+    os.makedirs(tmp_path / "vsgrpo")  # where --report-to tensorboard writes (tensorboard is not installed here)
+    (tmp_path / "vsgrpo" / "events.out.tfevents.1").write_text("")
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "1", "--save-every", "0", "--log-completions-every", "0")
+    with pytest.raises(SystemExit, match=r"holds an earlier run \(vsgrpo\)"):  # else its curves would mix with ours
+        vsgrpo.main(flags)
+    vsgrpo.main(flags + ["--overwrite"])
+    assert not os.path.exists(tmp_path / "vsgrpo")                    # deleted with the rest of the earlier run
+
+
 @pytest.mark.parametrize("tool, left", [("--demo", "run/metrics.jsonl"), ("--benchmark", "benchmark.json"),
                                          ("--eval-only", "metrics.json")])
 def test_only_training_is_told_to_resume_an_earlier_run_in_its_output_dir(synthetic, tmp_path, tool, left):

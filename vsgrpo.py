@@ -518,7 +518,7 @@ class Run:
             if not resume_from:
                 with open(os.path.join(args.output_dir, "args.json"), "w") as f:
                     json.dump(vars(args), f, indent=1)
-            accelerator.init_trackers("vsgrpo", config={k: str(v) for k, v in vars(args).items()})
+            accelerator.init_trackers(PROJECT, config={k: str(v) for k, v in vars(args).items()})
             print(f"{len(self.samples)} questions, {world} process(es), {self.steps} steps of {args.batch_size * world} "
                   f"questions x G={args.num_generations}; rewards {args.rewards}" +
                   (f"; resumed from {resume_from} at step {self.start}" if resume_from else ""))
@@ -869,7 +869,8 @@ def keep_metrics_up_to(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-RUN_FILES = r"metrics\.jsonl|args\.json|checkpoint-.*"  # what a training run writes into its --output-dir
+PROJECT = "vsgrpo"  # the trackers' project (--report-to); tensorboard logs into output_dir/PROJECT
+RUN_FILES = rf"metrics\.jsonl|args\.json|checkpoint-.*|{PROJECT}"  # what a training run writes into --output-dir
 
 
 def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES, resumable: bool = False) -> None:
