@@ -480,16 +480,7 @@ class Run:
 
     def __init__(self, args):
         self.args, self.samples, self.decoded, self.nonfinite_in_a_row = args, checked_samples(args), {}, 0
-        self.eval_rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)[:args.eval_limit or None] \
-            if args.eval_every else []
-        missing = check_videos(self.eval_rows, args, decode=False)  # else eval_avg would silently cover fewer
-        if missing:
-            raise DataError(f"--eval-data: {len(missing)} of {len({r['video'] for r in self.eval_rows})} videos "
-                            "missing:\n  " + "\n  ".join(missing[:10]))
-        unscored = [f"{r['source']}: {r['question_type']}" for r in self.eval_rows if r["question_type"] not in BENCHMARK_TYPES]
-        if unscored:
-            raise DataError(f"--eval-data: {len(unscored)} of {len(self.eval_rows)} rows are of question types VSI-Bench "
-                            "does not score; eval_avg would leave them out:\n  " + "\n  ".join(unscored[:10]))
+        self.eval_rows = checked_eval_rows(args) if args.eval_every else []
         check_model(args.model)
         self.accelerator = accelerator = make_accelerator(args.report_to, args.output_dir)
         world, self.lock = accelerator.num_processes, take_lock(args.output_dir) if accelerator.is_main_process else None
@@ -970,6 +961,20 @@ def checked_samples(args) -> list[dict]:
         print(f"warning: {len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
               "\n  ".join(missing[:10]), file=sys.stderr)
     return samples
+
+
+def checked_eval_rows(args) -> list[dict]:
+    """--eval-every's held-out rows, each one evaluation can score: else eval_avg would silently cover fewer."""
+    rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)[:args.eval_limit or None]
+    missing = check_videos(rows, args, decode=False)
+    if missing:
+        raise DataError(f"--eval-data: {len(missing)} of {len({r['video'] for r in rows})} videos missing:\n  " +
+                        "\n  ".join(missing[:10]))
+    unscored = [f"{r['source']}: {r['question_type']}" for r in rows if r["question_type"] not in BENCHMARK_TYPES]
+    if unscored:
+        raise DataError(f"--eval-data: {len(unscored)} of {len(rows)} rows are of question types VSI-Bench does not "
+                        "score; eval_avg would leave them out:\n  " + "\n  ".join(unscored[:10]))
+    return rows
 
 
 def run_check_data(args) -> int:
