@@ -1137,6 +1137,16 @@ def test_reward_curve_draws_one_column_per_bucket_of_steps():
     assert chart[0] == " 1.00 | #" and chart[1] == " 0.50 | #" and chart[2] == "      +--"
 
 
+def test_the_demo_under_accelerate_launch_writes_its_files_once_and_prints_one_table(tmp_path):
+    # One process writes the data and the model while the other waits: two writers could each truncate a file the
+    # other is reading (a race this test cannot provoke on demand; it checks the demo runs under the launcher).
+    done = run_processes([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), "--demo", "--output-dir", str(tmp_path),
+                          "--max-steps", "2", "--log-completions-every", "0"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("held-out accuracy (200 questions)") == 1
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
 def test_the_same_seed_writes_byte_identical_videos(tmp_path):
     # The demo's outcome, and the README's table, must not hang on the encoder: under its default rate control
     # x264 wrote about one video in ten differently from one run to the next, pixels up to 7 levels apart.

@@ -1247,13 +1247,15 @@ def reward_curve(values: list[float], height: int = 8, width: int = 60) -> str:
 
 def run_demo(argv: list[str]) -> dict:
     """Write synthetic data and a tiny model, score held-out questions, train with GRPO, score again."""
-    out, started = parse_args(argv).output_dir, time.perf_counter()
-    free_output_dir(os.path.join(out, "run"), "--overwrite" in argv)  # before minutes of work, not after
+    out, started, accelerator = parse_args(argv).output_dir, time.perf_counter(), make_accelerator()
     transformers_logging.disable_progress_bar()  # the demo saves and loads its model several times
-    synthetic_setup(out, "tiny", 400)
-    write_synthetic_dataset(out, 200, seed=1, name="heldout")
+    if accelerator.is_main_process:  # one writer (under accelerate launch); the other processes wait for the files
+        free_output_dir(os.path.join(out, "run"), "--overwrite" in argv)  # before minutes of work, not after
+        synthetic_setup(out, "tiny", 400)
+        write_synthetic_dataset(out, 200, seed=1, name="heldout")
+    accelerator.wait_for_everyone()
     args = parse_args(demo_flags(out) + [a for a in argv if a != "--demo"] + ["--output-dir", f"{out}/run"])
-    accelerator, held_out = make_accelerator(), load_samples(args.eval_data, args.eval_video_root, args.prompt_mode)
+    held_out = load_samples(args.eval_data, args.eval_video_root, args.prompt_mode)
     per_type = lambda policy: {t: float(np.mean([p["score"] for p in predictions if p["question_type"] == t]))
                                for predictions in [evaluate(policy, tokenizer, held_out, args, accelerator,
                                                             protocol="training")[0]]
