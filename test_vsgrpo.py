@@ -1414,6 +1414,15 @@ def test_resume_with_nothing_to_resume_stops_and_changes_nothing(synthetic, tmp_
     assert checkpoint_files(tmp_path) == before
 
 
+@pytest.mark.parametrize("max_steps", ["2", "1"])
+def test_resume_from_the_last_step_or_past_it_says_there_is_nothing_to_train(synthetic, tmp_path, max_steps):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "2", "--log-completions-every", "0")
+    vsgrpo.main(flags)
+    before = checkpoint_files(tmp_path)
+    with pytest.raises(SystemExit, match=f"checkpoint-000002 is at step 2 and this run has {max_steps} step"):
+        vsgrpo.main(flags + ["--resume", "--max-steps", max_steps])  # before, it exited 0 having done nothing
+    assert checkpoint_files(tmp_path) == before
+
 def test_resume_drops_a_metrics_line_torn_by_a_full_disk_and_logs_the_redone_step(synthetic, tmp_path):
     flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "2", "--log-completions-every", "0")
     vsgrpo.main(flags)

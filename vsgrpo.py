@@ -484,8 +484,9 @@ class Run:
         check_model(args.model)
         self.accelerator = accelerator = make_accelerator(args.report_to, args.output_dir)
         world, self.lock = accelerator.num_processes, take_lock(args.output_dir) if accelerator.is_main_process else None
+        self.steps = args.max_steps or max(1, len(self.samples) // (args.batch_size * world))
         try:  # one process looks into the output directory and claims it; all go on from what it found
-            found = self.lock and (checkpoint_to_resume(args, world) if args.resume else
+            found = self.lock and (checkpoint_to_resume(args, world, self.steps) if args.resume else
                                    free_output_dir(args.output_dir, args.overwrite, resumable=True))
             [resume_from] = broadcast_object_list([found])
             set_seed(args.seed)  # the same LoRA initialisation on every process
@@ -503,7 +504,6 @@ class Run:
         except BaseException:
             release_lock(self.lock)
             raise
-        self.steps = args.max_steps or max(1, len(self.samples) // (args.batch_size * world))
         if self.lock:
             keep_metrics_up_to(os.path.join(args.output_dir, "metrics.jsonl"), self.start)
             if not resume_from:
@@ -789,7 +789,7 @@ def checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, n) for n in sorted(names)]
 
 
-def checkpoint_to_resume(args, world_size: int) -> str:
+def checkpoint_to_resume(args, world_size: int, steps: int) -> str:
     """The checkpoint to continue from. --resume PATH must verify against its manifest; plain --resume takes
     the newest that does, setting damaged ones aside. Either must come from a run with these settings, and training
     on from it must not write over a newer checkpoint, or over another run when it continues in another directory."""
@@ -807,11 +807,11 @@ def checkpoint_to_resume(args, world_size: int) -> str:
         if newer:
             raise DataError(f"--resume {args.resume}: {args.output_dir} holds newer checkpoints ({', '.join(newer)}), "
                             "which training on would write over. Continue in another --output-dir")
-        return same_run(args.resume, args, world_size)
+        return same_run(args.resume, args, world_size, steps)
     for path in reversed(checkpoints(args.output_dir)):
         problem = checkpoint_problem(path)
         if not problem:
-            return same_run(path, args, world_size)
+            return same_run(path, args, world_size, steps)
         os.rename(path, path + ".damaged")  # kept for inspection, never taken again
         print(f"warning: {problem}; set aside as {path}.damaged, resuming from the one before", file=sys.stderr)
     raise DataError(f"--resume: no complete checkpoint in {args.output_dir}; nothing was changed "
@@ -825,16 +825,21 @@ MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_
               "check_data", "eval_only", "demo", "benchmark", "trust_remote_code", "report_to"}
 
 
-def same_run(path: str, args, world_size: int) -> str:
-    """`path`, if its run had these settings (and as many processes: they set the data order); else stop."""
+def same_run(path: str, args, world_size: int, steps: int) -> str:
+    """`path`, if its run had these settings (and as many processes: they set the data order) and has steps
+    left to train; else stop."""
     with open(os.path.join(path, "trainer", "state.json")) as f:
-        saved = json.load(f)["config"]
+        state = json.load(f)
+    saved = state["config"]
     now = {**json.loads(json.dumps(vars(args))), "world_size": world_size}
     differ = [f"{'processes' if k == 'world_size' else '--' + k.replace('_', '-')} {now.get(k)} (checkpoint: {v})"
               for k, v in saved.items() if k not in MAY_CHANGE and now.get(k) != v]
     if differ:
         raise DataError(f"--resume {path}: this run's settings differ from the checkpoint's: {'; '.join(differ)}. "
                         "Use the checkpoint's, or start a new run in another --output-dir")
+    if state["step"] >= steps:
+        raise DataError(f"--resume: {path} is at step {state['step']} and this run has {steps} step(s): nothing to "
+                        "train. Raise --max-steps to go on")
     return path
 
 
