@@ -77,6 +77,8 @@ def row_field(row: dict, names: tuple, where: str, kind=str, required: bool = Tr
                 isinstance(v, str) for v in value)):
             raise DataError(f"{where}: field {name!r} must be {KINDS[kind]}, got {type(value).__name__}" +
                             ("" if isinstance(value, (dict, list)) else f" {value!r:.40}"))
+        if required and isinstance(value, str) and not value.strip():
+            raise DataError(f"{where}: field {name!r} is empty")
         return value
     if required:
         raise DataError(f"{where}: missing field {names[0]!r}" + (f" (also accepted: {', '.join(names[1:])})"
@@ -90,6 +92,8 @@ def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> d
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     answer = str(row_field(row, ("ground_truth", "solution", "answer"), where, (str, int, float)))
     answer = answer.split("<answer>")[-1].split("</answer>")[0].strip()  # "solution" is often tagged
+    if not answer:  # would teach the model to answer nothing
+        raise DataError(f"{where}: the answer is empty: an empty completion would match it")
     video = row_field(row, ("path", "video"), where, required=False)
     if video is None:
         if row.get("scene_name") is None or row.get("dataset") is None:

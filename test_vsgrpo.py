@@ -651,8 +651,12 @@ ROW = {"id": 7, "question": "How many?", "ground_truth": "3", "question_type": "
     ({"options": "ABCD"}, "field 'options' must be a list of strings, got str 'ABCD'"),
     ({"options": ["A. chair", 2]}, "field 'options' must be a list of strings, got list"),
     ({"question_type": ["object_counting"]}, "field 'question_type' must be a string, got list"),
+    ({"question": "  "}, "field 'question' is empty"),
+    ({"ground_truth": "", "question_type": "object_rel_direction"}, "field 'ground_truth' is empty"),
+    ({"ground_truth": "<answer> </answer>", "question_type": "object_rel_direction"},
+     "the answer is empty: an empty completion would match it"),
 ])
-def test_a_field_of_the_wrong_type_names_the_file_the_row_and_the_field(tmp_path, change, message):
+def test_a_mistyped_or_empty_field_names_the_file_the_row_and_the_field(tmp_path, change, message):
     (tmp_path / "rows.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps(dict(ROW, **change)) + "\n")
     with pytest.raises(data.DataError) as error:
         data.load_samples([str(tmp_path / "rows.jsonl")], ".", "vanilla")

@@ -990,7 +990,7 @@ def run_check_data(args) -> int:
     print(f"{len(samples)} good rows, {len({s['video'] for s in samples})} videos")
     for question_type, count in sorted(Counter(s["question_type"] or "(untyped)" for s in samples).items()):
         print(f"  {question_type:32} {count:7}{'  numeric' if question_type in NUMERIC_TYPES else ''}")
-    for title, problems in (("bad rows (missing or mistyped fields, answers the rewards cannot score)", errors),
+    for title, problems in (("bad rows (missing, empty or mistyped fields, answers the rewards cannot score)", errors),
                             ("missing or undecodable videos", bad_videos)):
         print(f"{len(problems)} {title}" + "".join(f"\n  {p}" for p in problems))
     return 1 if errors or bad_videos else 0
