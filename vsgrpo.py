@@ -1362,9 +1362,14 @@ def tool_flags(parser: argparse.ArgumentParser) -> None:
       "on the straightforward and the default path, on synthetic videos")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" says nothing: those flags say it in words, or have none
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     method_flags(parser)
     tool_flags(parser)
     return parser
