@@ -1363,8 +1363,8 @@ def tool_flags(parser: argparse.ArgumentParser) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # "(default: None)" says nothing: those flags say it in words, or have none
-        return action.help if action.default is None else super()._get_help_string(action)
+    def _get_help_string(self, action):  # not "(default: None)" (such flags say it in words) or a switch's False
+        return action.help if action.default is None or action.nargs == 0 else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
