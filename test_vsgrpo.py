@@ -723,6 +723,19 @@ def test_a_model_neither_on_disk_nor_reachable_is_one_line_before_any_work(synth
     assert os.listdir(tmp_path) == []                                   # nothing written
 
 
+def test_accelerates_fp16_mixed_precision_stops_before_any_work_and_bf16_trains(synthetic, tmp_path):
+    # On a GPU, fp16's loss scaler backs off only in optimizer.step(), which the non-finite guard skips:
+    # the run would stop after 3 "non-finite" steps. The launcher passes its flag in this variable.
+    flags = training_flags(synthetic, tmp_path / "fp16", "--max-steps", "1", "--save-every", "0", reward="accuracy")
+    done = subprocess.run([sys.executable, os.path.join(HERE, "vsgrpo.py"), *flags], capture_output=True, text=True,
+                          env=dict(os.environ, ACCELERATE_MIXED_PRECISION="fp16"))
+    assert done.returncode == 1 and "--mixed_precision fp16" in done.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "fp16")                        # nothing written
+    flags = training_flags(synthetic, tmp_path / "bf16", "--max-steps", "1", "--save-every", "0", reward="accuracy")
+    done = subprocess.run([sys.executable, os.path.join(HERE, "vsgrpo.py"), *flags], capture_output=True, text=True,
+                          env=dict(os.environ, ACCELERATE_MIXED_PRECISION="bf16"))
+    assert done.returncode == 0 and json.loads(open(tmp_path / "bf16" / "metrics.jsonl").read())["step"] == 1
+
 def test_a_data_path_that_does_not_exist_is_a_flag_error(capsys):
     with pytest.raises(SystemExit):
         vsgrpo.parse_args(["--data", "/nonexistent/vsi100k/*.json"])

@@ -471,6 +471,9 @@ def make_accelerator(report_to: str = "none", output_dir: str | None = None) -> 
                               project_dir=output_dir)  # where tensorboard writes
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         raise RuntimeError(f"launched {os.environ['WORLD_SIZE']} processes; accelerate sees {accelerator.num_processes}")
+    if accelerator.mixed_precision == "fp16":  # its loss scaler backs off only in steps the non-finite guard skips
+        raise DataError("accelerate launch --mixed_precision fp16 is not supported: Qwen2-VL, trained in bf16, "
+                        "overflows fp16 (transformers#33294). Use bf16 or no (a GPU loads the weights in bf16 anyway)")
     return accelerator
 
 
