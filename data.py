@@ -53,8 +53,13 @@ def read_rows(path: str) -> list[dict]:
         try:
             rows.append(json.loads(chunk))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {lines_before + e.lineno}: not valid JSON ({e.msg}, column {e.colno})") \
-                from None
+            try:  # valid JSON after all: one object over several lines, not rows
+                keys = ", ".join(list(json.loads(text))[:5])
+            except (json.JSONDecodeError, TypeError):
+                raise DataError(f"{path} line {lines_before + e.lineno}: not valid JSON ({e.msg}, column {e.colno})") \
+                    from None
+            raise DataError(f"{path}: one JSON object (keys: {keys}), not rows: give a JSON list of rows, or one row "
+                            "per line (JSONL)") from None
     return rows[0] if is_list else rows
 
 

@@ -670,6 +670,14 @@ def test_a_truncated_jsonl_line_is_reported_at_its_line_in_the_file(tmp_path):
         data.read_rows(str(tmp_path / "rows.jsonl"))
 
 
+def test_a_json_object_over_several_lines_is_named_as_such_not_as_invalid_json(tmp_path):
+    (tmp_path / "rows.json").write_text(json.dumps({"questions": [ROW], "version": 1}, indent=2))
+    with pytest.raises(data.DataError) as error:  # before, "line 1: not valid JSON" of a valid JSON file
+        data.read_rows(str(tmp_path / "rows.json"))
+    assert str(error.value) == (f"{tmp_path / 'rows.json'}: one JSON object (keys: questions, version), not rows: "
+                                "give a JSON list of rows, or one row per line (JSONL)")
+
+
 def test_ids_stay_as_the_row_gave_them(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps([ROW, dict(ROW, id="scene7-q2"), {k: v for k, v in ROW.items()
                                                                                    if k != "id"}]))
