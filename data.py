@@ -136,9 +136,10 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str, errors:
     return samples
 
 
-def check_videos(samples: list[dict], args, decode: bool) -> list[str]:
+def check_videos(samples: list[dict], args, decode: bool, progress=None) -> list[str]:
     """Problems with the rows' videos, each checked once, in parallel threads. decode False only checks that
-    each file exists (cheap); True runs training's own preprocessing, so a video it passes trains."""
+    each file exists (cheap); True runs training's own preprocessing, so a video it passes trains.
+    progress(done, total) is called every 50 videos and at the end."""
     first_row = {s["video"]: s["source"] for s in reversed(samples)}
 
     def problem(path: str) -> str | None:
@@ -149,8 +150,13 @@ def check_videos(samples: list[dict], args, decode: bool) -> list[str]:
         except DataError as e:
             return f"{first_row[path]}: {e}"
 
+    problems = []
     with ThreadPoolExecutor(8) as pool:
-        return [p for p in pool.map(problem, first_row) if p]
+        for done, found in enumerate(pool.map(problem, first_row), start=1):
+            problems += [found] if found else []
+            if progress and (done % 50 == 0 or done == len(first_row)):
+                progress(done, len(first_row))
+    return problems
 
 
 def exists(path: str) -> None:

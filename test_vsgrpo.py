@@ -1297,6 +1297,14 @@ def test_check_data_passes_a_clean_dataset(synthetic, capsys):
     assert stop.value.code == 0 and "12 good rows, 12 videos" in capsys.readouterr().out
 
 
+def test_check_data_shows_its_progress_over_the_videos(tmp_path, capsys):
+    rows = vsgrpo.write_synthetic_dataset(str(tmp_path), 60, num_frames=2)
+    with pytest.raises(SystemExit):  # decoding VSI-100k's ~1,500 scene videos takes minutes
+        vsgrpo.main(["--check-data", "--data", rows, "--video-root", str(tmp_path / "videos"), "--num-frames", "2"])
+    out = capsys.readouterr().out.splitlines()                  # piped: whole lines, one per 50 videos and the last
+    assert [line for line in out if "checked" in line] == ["  checked 50 of 60 videos", "  checked 60 of 60 videos"]
+
+
 def test_training_refuses_bad_rows_before_loading_any_model(synthetic, tmp_path):
     rows = plant_faults(synthetic, tmp_path)
     with pytest.raises(SystemExit, match="2 bad row"):

@@ -989,7 +989,8 @@ def run_check_data(args) -> int:
     """--check-data: every row, and every video through training's own preprocessing, in parallel; 1 if bad."""
     errors = []
     samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
-    bad_videos = check_videos(samples, args, decode=True)
+    bad_videos = check_videos(samples, args, decode=True, progress=lambda done, total: show_progress(
+        f"  checked {done} of {total} videos", last=done == total))
     print(f"{len(samples)} good rows, {len({s['video'] for s in samples})} videos")
     for question_type, count in sorted(Counter(s["question_type"] or "(untyped)" for s in samples).items()):
         print(f"  {question_type:32} {count:7}{'  numeric' if question_type in NUMERIC_TYPES else ''}")
