@@ -808,7 +808,10 @@ def test_training_end_to_end_in_one_process(synthetic, tmp_path, capsys):
                 "seconds_generation", "seconds_scoring", "seconds_logprob_passes", "seconds_optimisation",
                 "seconds_vision", "generated_tokens_per_s", "train_tokens_per_s", "peak_memory_gb"):
         assert all(math.isfinite(m[key]) for m in metrics), key
-    assert "A=" in capsys.readouterr().out                    # completions printed at step 2
+    out = capsys.readouterr().out
+    assert "A=" in out                                          # completions printed at step 2
+    saved = [line.split(" (")[0] for line in out.splitlines() if line.startswith("saved ")]  # a save can take minutes
+    assert saved == [f"saved {tmp_path / 'checkpoint-000002'}", f"saved {tmp_path / 'checkpoint-000003'}"]
     base = Qwen2VLForConditionalGeneration.from_pretrained(synthetic["model"]).state_dict()
     trained = policy.state_dict()
     assert any(v.abs().sum() > 0 for k, v in trained.items() if k.endswith("lora_B"))

@@ -564,7 +564,9 @@ class Run:
         if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:  # their updates were skipped: these are the last good weights
             self.stop(f"stopped: {MAX_NONFINITE_STEPS} steps in a row had a non-finite loss or gradient", 1, step)
         if args.save_every and (step % args.save_every == 0 or step == self.steps):
-            self.save(step)
+            saving, path = time.perf_counter(), self.save(step)
+            if accelerator.is_main_process:  # at 2B, tens of seconds: the size and the checksums
+                show_progress(f"saved {path} ({time.perf_counter() - saving:.0f} s)")
         PHASES.clear()  # evaluation and saving are charged to no phase
         self.encodings["videos"] = 0
 
