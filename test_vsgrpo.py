@@ -1548,6 +1548,28 @@ def test_a_second_run_into_a_directory_in_use_stops_naming_the_holder_and_a_stal
     assert not os.path.exists(tmp_path / "run.lock")                       # released at the end
 
 
+def test_ctrl_c_before_a_step_names_the_checkpoint_to_resume_and_only_where_there_is_one(
+        synthetic, tmp_path, monkeypatch):
+    def ctrl_c(*args, **kwargs):  # Ctrl-C while the model loads: Python's own KeyboardInterrupt, no handler yet
+        raise KeyboardInterrupt
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "2", "--log-completions-every", "0")
+    with monkeypatch.context() as patch:
+        patch.setattr(vsgrpo, "load_model", ctrl_c)
+        with pytest.raises(SystemExit) as stop:                     # a new run: nothing saved, nothing to resume
+            vsgrpo.main(flags)
+        assert stop.value.code == "interrupted"
+    vsgrpo.main(flags)
+    monkeypatch.setattr(vsgrpo, "load_model", ctrl_c)
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main(flags + ["--resume", "--max-steps", "4"])
+    assert stop.value.code == (f"interrupted; the newest complete checkpoint is {tmp_path / 'checkpoint-000002'}: "
+                               "continue with --resume")
+    with pytest.raises(SystemExit) as stop:                         # a tool never resumes
+        vsgrpo.main(["--eval-only", "--model", synthetic["model"], "--eval-data", synthetic["data"], "--output-dir",
+                     str(tmp_path / "eval")])
+    assert stop.value.code == "interrupted"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(synthetic, tmp_path, signum):
     flags = training_flags(synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000",

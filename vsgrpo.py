@@ -1452,9 +1452,10 @@ def main(argv=None):
         if os.environ.get("RANK", "0") == "0":  # every process stops alike; one says why
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
-    except KeyboardInterrupt as e:
-        sys.exit(f"{e or 'interrupted'}: the newest complete checkpoint in {args.output_dir} is intact; "
-                 "continue with --resume")
+    except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the run's handlers are in place
+        newest = [] if args.demo or args.benchmark or args.eval_only else checkpoints(args.output_dir)
+        sys.exit((str(e) or "interrupted") + (f"; the newest complete checkpoint is {newest[-1]}: continue with "
+                                              "--resume" if newest else ""))
     make_accelerator().end_training()  # once, after every pass that needed the process group
     return result
 
