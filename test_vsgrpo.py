@@ -1590,6 +1590,27 @@ def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(synthetic, t
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == done + [done[-1] + 1]
 
 
+def test_a_second_signal_a_second_later_abandons_the_step_unsaved_and_names_the_checkpoint(synthetic, tmp_path):
+    # 800 optimisation passes make a step of seconds (9 here), so both signals reach the same step.
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1", "--num-iterations", "800",
+                           "--log-completions-every", "0", reward="accuracy")
+    run = start([sys.executable, os.path.join(HERE, "vsgrpo.py"), *flags])
+    wait_for_steps(run, tmp_path / "metrics.jsonl", 1)
+    while not os.path.isdir(tmp_path / "checkpoint-000001"):           # step 2 starts once step 1 is saved
+        time.sleep(0.01)
+    time.sleep(0.5)                              # past the start of step 2, where a signal stops before the step
+    os.kill(run.pid, signal.SIGINT)
+    time.sleep(1.3)                                                     # the handler ignores a repeat within 1 s
+    os.kill(run.pid, signal.SIGINT)
+    code, _, err = finish(run)
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        "SIGINT again: the step was abandoned, unsaved; the newest complete checkpoint is "
+        f"{tmp_path / 'checkpoint-000001'}: continue with --resume"), err[-3000:]
+    assert vsgrpo.checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-000001")]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1]
+    assert not os.path.exists(tmp_path / "run.lock")                    # released on the way out
+
+
 def test_sigterm_to_two_processes_under_accelerate_launch_saves_one_agreed_step(synthetic, tmp_path):
     run = start([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), *training_flags(
         synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000", "--log-completions-every", "0",
