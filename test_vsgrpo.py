@@ -1077,6 +1077,18 @@ def test_evaluation_metrics_are_reproduced_from_its_predictions(synthetic, tmp_p
     assert "Avg |    Count |  AbsDist |  ObjSize | RoomSize |  RelDist |   RelDir |    Route |    Order" in table
 
 
+def test_evaluation_with_no_video_where_the_rows_point_stops_before_loading_the_model(synthetic, tmp_path,
+                                                                                       monkeypatch):
+    write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")
+    flags = eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "eval")
+    flags[flags.index("--eval-video-root") + 1] = str(tmp_path / "videos")          # a wrong root
+    monkeypatch.setattr(vsgrpo, "load_model", None)                  # before, it loaded and "evaluated" 0 of 23
+    with pytest.raises(SystemExit, match=f"--eval-video-root {tmp_path / 'videos'}: none of the 13 videos the rows "
+                                         f"name is there \\(for example {tmp_path / 'videos' / 'synthetic'}"):
+        vsgrpo.main(flags)
+    assert not os.path.exists(tmp_path / "eval" / "predictions.jsonl")
+
+
 def test_a_partial_evaluation_says_how_many_tasks_its_average_covers(synthetic, tmp_path, capsys):
     rows = write_benchmark_rows(synthetic, tmp_path / "all.jsonl")
     with open(tmp_path / "two_tasks.jsonl", "w") as f:
@@ -1436,7 +1448,8 @@ def test_only_training_is_told_to_resume_an_earlier_run_in_its_output_dir(synthe
     os.makedirs(os.path.dirname(tmp_path / left), exist_ok=True)
     (tmp_path / left).write_text("{}\n")
     flags = {"--demo": [], "--benchmark": ["tiny"], "--eval-only": ["--model", synthetic["model"], "--eval-data",
-                                                                     synthetic["data"]]}[tool]
+                                                                     synthetic["data"], "--eval-video-root",
+                                                                     synthetic["videos"]]}[tool]
     with pytest.raises(SystemExit) as stopped:  # none of these tools can --resume: it would only repeat this message
         vsgrpo.main([tool, *flags, "--output-dir", str(tmp_path)])
     assert "holds an earlier run" in str(stopped.value) and "--resume" not in str(stopped.value)
@@ -1565,8 +1578,8 @@ def test_ctrl_c_before_a_step_names_the_checkpoint_to_resume_and_only_where_ther
     assert stop.value.code == (f"interrupted; the newest complete checkpoint is {tmp_path / 'checkpoint-000002'}: "
                                "continue with --resume")
     with pytest.raises(SystemExit) as stop:                         # a tool never resumes
-        vsgrpo.main(["--eval-only", "--model", synthetic["model"], "--eval-data", synthetic["data"], "--output-dir",
-                     str(tmp_path / "eval")])
+        vsgrpo.main(["--eval-only", "--model", synthetic["model"], "--eval-data", synthetic["data"],
+                     "--eval-video-root", synthetic["videos"], "--output-dir", str(tmp_path / "eval")])
     assert stop.value.code == "interrupted"
 
 

@@ -1091,6 +1091,10 @@ def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict
 def run_evaluation(args) -> dict:
     accelerator = make_accelerator()
     rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)
+    videos = {r["video"] for r in rows}  # a row whose video is missing is reported, unscored; none at all is a typo
+    if len(check_videos(rows, args, decode=False)) == len(videos):
+        raise DataError(f"--eval-video-root {args.eval_video_root}: none of the {len(videos)} videos the rows name is "
+                        f"there (for example {rows[0]['video']})")
     check_model(args.model)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
