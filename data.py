@@ -153,7 +153,8 @@ def check_videos(samples: list[dict], args, decode: bool, progress=None) -> list
     problems = []
     with ThreadPoolExecutor(8) as pool:
         for done, found in enumerate(pool.map(problem, first_row), start=1):
-            problems += [found] if found else []
+            if found:
+                problems.append(found)
             if progress and (done % 50 == 0 or done == len(first_row)):
                 progress(done, len(first_row))
     return problems
