@@ -4,6 +4,7 @@
 Expected values are computed by hand or by an independent formula inside each test.
 """
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -1638,6 +1639,24 @@ def test_sigterm_to_two_processes_under_accelerate_launch_saves_one_agreed_step(
     assert vsgrpo.checkpoints(str(tmp_path)) == [str(tmp_path / f"checkpoint-{last:06d}")]
     trainer = os.listdir(tmp_path / f"checkpoint-{last:06d}" / "trainer")
     assert {"rng-rank0.pt", "rng-rank1.pt"} <= set(trainer)
+
+
+@pytest.mark.parametrize("refusal", ["nothing to resume", "directory in use", "benchmark over an earlier one"])
+def test_a_refusal_under_accelerate_launch_is_said_once_and_every_process_stops_with_it(synthetic, tmp_path, refusal):
+    # The main process alone claims the output directory; the others used to wait for it and die with gloo's
+    # "Connection closed by peer" traceback, after the one line that said what was wrong.
+    flags = training_flags(synthetic, tmp_path, "--resume", reward="accuracy")
+    message = f"--resume: no complete checkpoint in {tmp_path}"
+    if refusal == "directory in use":
+        holder = open(tmp_path / "run.lock", "a+")
+        fcntl.lockf(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)                  # as a running process holds it
+        flags, message = training_flags(synthetic, tmp_path, reward="accuracy"), f"--output-dir {tmp_path} is in use"
+    if refusal == "benchmark over an earlier one":
+        (tmp_path / "benchmark.json").write_text("{}")
+        flags, message = ["--benchmark", "tiny", "--output-dir", str(tmp_path)], "benchmark.json"
+    done = run_processes([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), *flags])
+    assert done.returncode == 1 and done.stderr.count(message) == 1, done.stderr[-3000:]
+    assert "Connection closed" not in done.stderr and "[rank1]: Traceback" not in done.stderr, done.stderr[-3000:]
 
 
 FULL_DISK = """

@@ -477,6 +477,19 @@ def make_accelerator(report_to: str = "none", output_dir: str | None = None) -> 
     return accelerator
 
 
+def on_main_process(accelerator, work):
+    """work() on the main process alone (it claims the output directory, or writes files the others read). Every
+    process returns its result or raises its DataError: all stop alike, not the others on a lost connection."""
+    try:
+        result = work() if accelerator.is_main_process else None
+    except DataError as e:
+        result = e
+    [result] = broadcast_object_list([result])
+    if isinstance(result, DataError):
+        raise result
+    return result
+
+
 class Run:
     """A training run's state outside the method: data, model and optimizer, the output directory and its
     lock, resuming, metrics, evaluation, checkpoints and safe stops."""
@@ -486,12 +499,15 @@ class Run:
         self.eval_rows = checked_eval_rows(args) if args.eval_every else []
         check_model(args.model)
         self.accelerator = accelerator = make_accelerator(args.report_to, args.output_dir)
-        world, self.lock = accelerator.num_processes, take_lock(args.output_dir) if accelerator.is_main_process else None
+        world, self.lock = accelerator.num_processes, None
         self.steps = args.max_steps or max(1, len(self.samples) // (args.batch_size * world))
-        try:  # one process looks into the output directory and claims it; all go on from what it found
-            found = self.lock and (checkpoint_to_resume(args, world, self.steps) if args.resume else
-                                   free_output_dir(args.output_dir, args.overwrite, resumable=True))
-            [resume_from] = broadcast_object_list([found])
+
+        def claim():  # one process looks into the output directory and claims it; all go on from what it found
+            self.lock = take_lock(args.output_dir)
+            return checkpoint_to_resume(args, world, self.steps) if args.resume else \
+                free_output_dir(args.output_dir, args.overwrite, resumable=True)
+        try:
+            resume_from = on_main_process(accelerator, claim)
             set_seed(args.seed)  # the same LoRA initialisation on every process
             model, self.tokenizer = load_model(args, accelerator.device)
             self.ref_model = reference_model(model, args)
@@ -875,9 +891,10 @@ RUN_FILES = rf"metrics\.jsonl|args\.json|checkpoint-.*|{PROJECT}"  # what a trai
 
 
 def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES, resumable: bool = False) -> None:
-    """Before any model loads: stop if an earlier run is in output_dir, or delete it when --overwrite asks.
+    """Before any model loads: make output_dir; stop if an earlier run is in it, or delete that when --overwrite asks.
     Only a new training run can continue the earlier one instead (`resumable`); the tools never resume."""
-    found = sorted(n for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else []) if re.fullmatch(names, n))
+    os.makedirs(output_dir, exist_ok=True)
+    found = sorted(n for n in os.listdir(output_dir) if re.fullmatch(names, n))
     if found and not overwrite:
         choices = "continue it with --resume, choose" if resumable else "choose"
         raise DataError(f"--output-dir {output_dir} holds an earlier run ({', '.join(found[:4])}"
@@ -1096,9 +1113,8 @@ def run_evaluation(args) -> dict:
         raise DataError(f"--eval-video-root {args.eval_video_root}: none of the {len(videos)} videos the rows name is "
                         f"there (for example {rows[0]['video']})")
     check_model(args.model)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        free_output_dir(args.output_dir, args.overwrite, r"predictions\.jsonl|metrics\.json")
+    on_main_process(accelerator, lambda: free_output_dir(args.output_dir, args.overwrite,
+                                                         r"predictions\.jsonl|metrics\.json"))
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
     policy, tokenizer = load_model(args, accelerator.device, training=False)
     predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
@@ -1264,11 +1280,12 @@ def run_demo(argv: list[str]) -> dict:
     """Write synthetic data and a tiny model, score held-out questions, train with GRPO, score again."""
     out, started, accelerator = parse_args(argv).output_dir, time.perf_counter(), make_accelerator()
     transformers_logging.disable_progress_bar()  # the demo saves and loads its model several times
-    if accelerator.is_main_process:  # one writer (under accelerate launch); the other processes wait for the files
+
+    def write_data():  # one writer (under accelerate launch); the other processes wait for the files
         free_output_dir(os.path.join(out, "run"), "--overwrite" in argv)  # before minutes of work, not after
         synthetic_setup(out, "tiny", 400)
         write_synthetic_dataset(out, 200, seed=1, name="heldout")
-    accelerator.wait_for_everyone()
+    on_main_process(accelerator, write_data)
     args = parse_args(demo_flags(out) + [a for a in argv if a != "--demo"] + ["--output-dir", f"{out}/run"])
     held_out = load_samples(args.eval_data, args.eval_video_root, args.prompt_mode)
     per_type = lambda policy: {t: float(np.mean([p["score"] for p in predictions if p["question_type"] == t]))
@@ -1302,11 +1319,12 @@ def run_benchmark(argv: list[str]) -> dict:
     args, accelerator = parse_args(argv), make_accelerator()
     out, steps = args.output_dir, args.max_steps or 4
     transformers_logging.disable_progress_bar()
-    if accelerator.is_main_process:  # one writer; the other processes wait for the files
+
+    def write_data():  # one writer; the other processes wait for the files
         free_output_dir(out, args.overwrite, r"benchmark\.json|straightforward|default")
         synthetic_setup(out, args.benchmark, args.batch_size * accelerator.num_processes * steps, args.seed,
                         num_frames=args.num_frames, name="benchmark", scale=4)
-    accelerator.wait_for_everyone()
+    on_main_process(accelerator, write_data)
     results = {}
     for path in ("straightforward", "default"):
         run = parse_args(["--model", f"{out}/model", "--data", f"{out}/benchmark.jsonl", "--video-root",
@@ -1450,10 +1468,10 @@ def main(argv=None):
             sys.exit(run_check_data(args))
         run = run_demo if args.demo else run_benchmark if args.benchmark else None
         result = run(argv) if run else run_evaluation(args) if args.eval_only else train(args)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    except DataError as e:  # every process stops alike; one says why
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
     except RunStopped as e:
-        if os.environ.get("RANK", "0") == "0":  # every process stops alike; one says why
+        if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the run's handlers are in place
