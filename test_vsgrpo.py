@@ -1443,7 +1443,8 @@ def test_the_trackers_logs_in_the_output_dir_belong_to_its_run(synthetic, tmp_pa
     assert not os.path.exists(tmp_path / "vsgrpo")                    # deleted with the rest of the earlier run
 
 
-@pytest.mark.parametrize("tool, left", [("--demo", "run/metrics.jsonl"), ("--benchmark", "benchmark.json"),
+@pytest.mark.parametrize("tool, left", [("--demo", "run/metrics.jsonl"), ("--demo", "model/config.json"),
+                                         ("--benchmark", "benchmark.json"), ("--benchmark", "videos/synthetic/a.mp4"),
                                          ("--eval-only", "metrics.json")])
 def test_only_training_is_told_to_resume_an_earlier_run_in_its_output_dir(synthetic, tmp_path, tool, left):
     os.makedirs(os.path.dirname(tmp_path / left), exist_ok=True)
@@ -1453,7 +1454,9 @@ def test_only_training_is_told_to_resume_an_earlier_run_in_its_output_dir(synthe
                                                                      synthetic["videos"]]}[tool]
     with pytest.raises(SystemExit) as stopped:  # none of these tools can --resume: it would only repeat this message
         vsgrpo.main([tool, *flags, "--output-dir", str(tmp_path)])
-    assert "holds an earlier run" in str(stopped.value) and "--resume" not in str(stopped.value)
+    # It names the directory the user gave, and what of the earlier run is there; a tool's model and videos count.
+    assert f"--output-dir {tmp_path} holds an earlier run ({left.split('/')[0]})" in str(stopped.value)
+    assert "--resume" not in str(stopped.value)
     assert str(stopped.value).endswith("choose another --output-dir, or delete it with --overwrite")
 
 

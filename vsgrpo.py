@@ -1282,7 +1282,7 @@ def run_demo(argv: list[str]) -> dict:
     transformers_logging.disable_progress_bar()  # the demo saves and loads its model several times
 
     def write_data():  # one writer (under accelerate launch); the other processes wait for the files
-        free_output_dir(os.path.join(out, "run"), "--overwrite" in argv)  # before minutes of work, not after
+        free_output_dir(out, "--overwrite" in argv, r"run|model|videos|(train|heldout)\.jsonl|demo\.json")
         synthetic_setup(out, "tiny", 400)
         write_synthetic_dataset(out, 200, seed=1, name="heldout")
     on_main_process(accelerator, write_data)
@@ -1321,7 +1321,7 @@ def run_benchmark(argv: list[str]) -> dict:
     transformers_logging.disable_progress_bar()
 
     def write_data():  # one writer; the other processes wait for the files
-        free_output_dir(out, args.overwrite, r"benchmark\.json|straightforward|default")
+        free_output_dir(out, args.overwrite, r"benchmark\.jsonl?|straightforward|default|model|videos")
         synthetic_setup(out, args.benchmark, args.batch_size * accelerator.num_processes * steps, args.seed,
                         num_frames=args.num_frames, name="benchmark", scale=4)
     on_main_process(accelerator, write_data)
