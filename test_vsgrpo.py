@@ -1101,6 +1101,19 @@ def test_a_partial_evaluation_says_how_many_tasks_its_average_covers(synthetic, 
     assert "Avg(2/8) |    Count |" in out and "Avg covers 2 of VSI-Bench's 8 tasks" in out
 
 
+def test_evaluation_names_at_most_ten_unscored_rows_and_metrics_json_lists_them_all(synthetic, tmp_path, capsys):
+    # With one of VSI-Bench's three video zips not unzipped, about 1,700 rows go unscored: one line each
+    # scrolled the table away.
+    rows = write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")
+    rows += [dict(rows[0], id=200 + i, scene_name=f"missing_{i}") for i in range(11)]
+    with open(tmp_path / "vsibench.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    metrics = vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "eval"))
+    err = capsys.readouterr().err
+    assert len(metrics["not_evaluated"]) == 13 and err.count("  not evaluated: ") == 10
+    assert f"and 3 more: {tmp_path / 'eval' / 'metrics.json'} lists every row not evaluated" in err
+
+
 def test_evaluation_decodes_videos_a_batch_at_a_time_and_shows_progress(synthetic, tmp_path, monkeypatch, capsys):
     rows = write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")
     loaded, at_generate = [], []

@@ -1100,8 +1100,11 @@ def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict
         print(f"Avg covers {covered} of VSI-Bench's 8 tasks: it is not comparable with the paper's overall score")
     print(f"{len(predictions)} questions scored, {len(skipped)} not evaluated; {args.eval_num_frames} frames, "
           f"max {args.max_pixels} pixels per frame, {args.eval_prompt} prompt")
-    for item in skipped:
+    for item in skipped[:10]:  # not thousands of lines after the table when a video directory is missing
         print(f"  not evaluated: {item['source']}: {item['reason']}", file=sys.stderr)
+    if len(skipped) > 10:
+        print(f"  ... and {len(skipped) - 10} more: {os.path.join(args.output_dir, 'metrics.json')} lists every row "
+              "not evaluated", file=sys.stderr)
     return metrics
 
 
