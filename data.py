@@ -136,8 +136,8 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str, errors:
     return samples
 
 
-def check_videos(samples: list[dict], args, decode: bool, progress=None) -> list[str]:
-    """Problems with the rows' videos, each checked once, in parallel threads. decode False only checks that
+def check_videos(samples: list[dict], args, decode: bool, progress=None) -> dict[str, str]:
+    """{video: its problem} of the rows' bad videos, each checked once, in parallel threads. decode False only checks that
     each file exists (cheap); True runs training's own preprocessing, so a video it passes trains.
     progress(done, total) is called every 50 videos and at the end."""
     first_row = {s["video"]: s["source"] for s in reversed(samples)}
@@ -150,11 +150,11 @@ def check_videos(samples: list[dict], args, decode: bool, progress=None) -> list
         except DataError as e:
             return f"{first_row[path]}: {e}"
 
-    problems = []
+    problems = {}
     with ThreadPoolExecutor(8) as pool:
-        for done, found in enumerate(pool.map(problem, first_row), start=1):
+        for done, (path, found) in enumerate(zip(first_row, pool.map(problem, first_row)), start=1):
             if found:
-                problems.append(found)
+                problems[path] = found
             if progress and (done % 50 == 0 or done == len(first_row)):
                 progress(done, len(first_row))
     return problems

@@ -1317,7 +1317,9 @@ def test_check_data_lists_every_planted_fault_and_fails(synthetic, tmp_path, cap
     assert "rows.jsonl row 8: answer 'many' of numeric question type 'object_counting' is not a number" in out
     assert "row 5: video not found" in out and "gone.mp4" in out
     assert "row 6: cannot decode video" in out and "torn.mp4" in out
-    assert "2 bad rows" in out and "2 missing or undecodable videos" in out and "6 good rows, 6 videos" in out
+    # 8 rows: 2 bad, and 2 whose videos are bad; what would train is the other 4 and their videos.
+    assert "2 bad rows" in out and "2 missing or undecodable videos" in out and "4 good rows, 4 videos" in out
+    assert f"  {'object_counting':32} {2:7}  numeric" in out                            # of the 4 good rows
 
 
 def test_check_data_passes_a_clean_dataset(synthetic, capsys):

@@ -982,11 +982,11 @@ def checked_samples(args) -> list[dict]:
     missing, videos = check_videos(samples, args, decode=False), len({s["video"] for s in samples})
     if len(missing) > args.max_bad_video_fraction * videos:
         raise DataError(f"{len(missing)} of {videos} videos missing, over --max-bad-video-fraction "
-                        f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(missing[:10]))
+                        f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(list(missing.values())[:10]))
     if missing:
-        samples = [s for s in samples if os.path.isfile(s["video"])]
+        samples = [s for s in samples if s["video"] not in missing]
         print(f"warning: {len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
-              "\n  ".join(missing[:10]), file=sys.stderr)
+              "\n  ".join(list(missing.values())[:10]), file=sys.stderr)
     return samples
 
 
@@ -996,7 +996,7 @@ def checked_eval_rows(args) -> list[dict]:
     missing = check_videos(rows, args, decode=False)
     if missing:
         raise DataError(f"--eval-data: {len(missing)} of {len({r['video'] for r in rows})} videos missing:\n  " +
-                        "\n  ".join(missing[:10]))
+                        "\n  ".join(list(missing.values())[:10]))
     unscored = [f"{r['source']}: {r['question_type']}" for r in rows if r["question_type"] not in BENCHMARK_TYPES]
     if unscored:
         raise DataError(f"--eval-data: {len(unscored)} of {len(rows)} rows are of question types VSI-Bench does not "
@@ -1010,11 +1010,12 @@ def run_check_data(args) -> int:
     samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
     bad_videos = check_videos(samples, args, decode=True, progress=lambda done, total: show_progress(
         f"  checked {done} of {total} videos", last=done == total))
-    print(f"{len(samples)} good rows, {len({s['video'] for s in samples})} videos")
-    for question_type, count in sorted(Counter(s["question_type"] or "(untyped)" for s in samples).items()):
+    good = [s for s in samples if s["video"] not in bad_videos]  # what would train
+    print(f"{len(good)} good rows, {len({s['video'] for s in good})} videos")
+    for question_type, count in sorted(Counter(s["question_type"] or "(untyped)" for s in good).items()):
         print(f"  {question_type:32} {count:7}{'  numeric' if question_type in NUMERIC_TYPES else ''}")
     for title, problems in (("bad rows (missing, empty or mistyped fields, answers the rewards cannot score)", errors),
-                            ("missing or undecodable videos", bad_videos)):
+                            ("missing or undecodable videos", list(bad_videos.values()))):
         print(f"{len(problems)} {title}" + "".join(f"\n  {p}" for p in problems))
     return 1 if errors or bad_videos else 0
 
