@@ -1677,6 +1677,14 @@ def test_a_refusal_under_accelerate_launch_is_said_once_and_every_process_stops_
     assert "Connection closed" not in done.stderr and "[rank1]: Traceback" not in done.stderr, done.stderr[-3000:]
 
 
+def test_a_flag_error_under_accelerate_launch_is_said_once(tmp_path):
+    # Every process parses the flags: on an 8-GPU node a typo printed the usage and the error 8 times.
+    done = run_processes([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), "--demo", "--learning-rate", "-1",
+                          "--output-dir", str(tmp_path)])
+    assert done.returncode != 0 and done.stderr.count("--learning-rate must be positive, got -1.0") == 1
+    assert done.stderr.count("usage: ") == 1, done.stderr[-3000:]
+
+
 FULL_DISK = """
 import resource, signal, sys
 sys.path.insert(0, {here!r})

@@ -1399,8 +1399,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None or action.nargs == 0 else super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # under accelerate launch each process parses the flags; one says what is wrong
+        if os.environ.get("RANK", "0") != "0":
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).",
+    parser = Parser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).",
                                      formatter_class=HelpFormatter)
     method_flags(parser)
     tool_flags(parser)
