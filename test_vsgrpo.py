@@ -1178,6 +1178,21 @@ def test_readme_test_command_is_the_one_ci_runs_after_the_readmes_own_set_up():
     assert 'eval "$setup"' in ci and "## Set-up" in ci
 
 
+def test_the_readmes_reward_example_registers_and_scores_as_written(synthetic):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = readme.split("## Adding a reward")[1].split("```python\n")[1].split("```")[0]
+    flags = readme.split("## Adding a reward")[1].split("Then `")[1].split("`")[0].split()
+    try:
+        exec(example, vars(rewards))                                     # as if written into rewards.py
+        args = vsgrpo.parse_args(["--data", synthetic["data"], *flags])          # --rewards accuracy brevity ...
+        samples = [{"answer": "left", "kind": "word", "prompt_mode": "vanilla"}] * 2
+        scores = rewards.score_completions(["left", "it is to the left"], samples, args.rewards, args.reward_weights)
+    finally:
+        rewards.REWARDS.pop("brevity", None)
+    # accuracy, an exact word match: 1 and 0; brevity: 1 for one word, 0 for five; total = accuracy + 0.2 brevity.
+    assert scores["brevity"] == [1.0, 0.0] and scores["total"] == [1.2, 0.0]
+
+
 # ----------------------------------------------------------------------------- the offline demo
 def test_no_video_baseline_is_the_best_single_answer_per_type():
     rows = [{"question_type": "count", "kind": "numeric", "answer": a} for a in ("2", "2", "4")] + \
