@@ -727,6 +727,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(policy, tokenizer, path: str) -> None:
     """A merged, plain Qwen2-VL checkpoint that from_pretrained loads, tokenizer beside it."""
+    transformers_logging.disable_progress_bar()  # its bar of shards (0/1, 1/1) says less than our "saved PATH (N s)"
     policy.save_pretrained(path, state_dict=merged_state_dict(policy))
     tokenizer.save_pretrained(path)
 
