@@ -137,8 +137,8 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str, errors:
 
 
 def check_videos(samples: list[dict], args, decode: bool, progress=None) -> dict[str, str]:
-    """{video: its problem} of the rows' bad videos, each checked once, in parallel threads. decode False only checks that
-    each file exists (cheap); True runs training's own preprocessing, so a video it passes trains.
+    """{video: its problem} for the rows' bad videos, each checked once, in parallel threads. decode False only
+    checks that each file exists (cheap); True runs training's own preprocessing, so a video it passes trains.
     progress(done, total) is called every 50 videos and at the end."""
     first_row = {s["video"]: s["source"] for s in reversed(samples)}
 

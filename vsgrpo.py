@@ -1408,8 +1408,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).",
-                                     formatter_class=HelpFormatter)
+    parser = Parser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).", formatter_class=HelpFormatter)
     method_flags(parser)
     tool_flags(parser)
     return parser
