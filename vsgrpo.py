@@ -529,8 +529,8 @@ class Run:
                 with open(os.path.join(args.output_dir, "args.json"), "w") as f:
                     json.dump(vars(args), f, indent=1)
             accelerator.init_trackers(PROJECT, config={k: str(v) for k, v in vars(args).items()})
-            print(f"{len(self.samples)} questions, {world} process(es), {self.steps} steps of {args.batch_size * world} "
-                  f"questions x G={args.num_generations}; rewards {args.rewards}" +
+            print(f"{len(self.samples)} questions, {world} process(es), {self.steps} step(s) of "
+                  f"{args.batch_size * world} question(s) x G={args.num_generations}; rewards {args.rewards}" +
                   (f"; resumed from {resume_from} at step {self.start}" if resume_from else ""))
         self.signals, self.started = StopSignals(), time.perf_counter()
         peak_memory_gb(accelerator.device, reset=True)
