@@ -43,8 +43,12 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- rows
 def read_rows(path: str) -> list[dict]:
     """Rows of a JSON list or a JSONL file; a parse error names the line of the file."""
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # "-sig": a byte-order mark, as Windows editors write, is skipped
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): rows must be JSON or JSONL (convert parquet first)") \
+            from None
     # (lines before the chunk, chunk): a JSON list is one chunk, a JSONL file one per line
     is_list = text.lstrip().startswith("[")
     chunks = [(0, text)] if is_list else [(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]

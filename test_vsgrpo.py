@@ -625,6 +625,9 @@ def test_rows_load_from_json_lists_and_jsonl_in_either_field_style(tmp_path):
     assert [(s["question"], s["answer"], s["kind"], s["video"]) for s in samples] == [
         ("How many?", "3", "numeric", "/videos/scannet/scene0001_00.mp4"),
         ("Left or right?", "left", "word", "/videos/clips/x.mp4")]
+    for name in ("a.json", "b.jsonl"):  # as Windows editors save UTF-8: with a byte-order mark first
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
+    assert data.load_samples([str(tmp_path / "*.json*")], "/videos", "think") == samples
 
 
 def test_a_numeric_question_with_a_non_numeric_answer_names_the_row(tmp_path):
@@ -669,6 +672,13 @@ def test_a_truncated_jsonl_line_is_reported_at_its_line_in_the_file(tmp_path):
     (tmp_path / "rows.jsonl").write_text(text)                      # line 2 is blank, line 4 is cut short
     with pytest.raises(data.DataError, match=r"rows\.jsonl line 4: not valid JSON \(.* column 22"):
         data.read_rows(str(tmp_path / "rows.jsonl"))
+
+
+def test_a_file_that_is_not_text_is_named_not_a_unicode_traceback(tmp_path):
+    # VSI-Bench ships as parquet: passed as it is downloaded, it raised a UnicodeDecodeError naming no file.
+    (tmp_path / "test-00000-of-00001.parquet").write_bytes(b"PAR1\x15\x04\x15\xff" + bytes(range(256)))
+    with pytest.raises(data.DataError, match=r"test-00000-of-00001\.parquet: not UTF-8 text \(byte 7\): .*parquet"):
+        data.read_rows(str(tmp_path / "test-00000-of-00001.parquet"))
 
 
 def test_a_json_object_over_several_lines_is_named_as_such_not_as_invalid_json(tmp_path):
