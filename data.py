@@ -68,11 +68,16 @@ def read_rows(path: str) -> list[dict]:
 
 
 def expand_paths(patterns: list[str]) -> list[str]:
-    """Paths and globs to a sorted list of files; a pattern matching nothing is an error."""
+    """Paths and globs to a sorted list of files; a pattern matching nothing, or a directory, is an error."""
     for pattern in patterns:
         if not glob.glob(pattern):
             raise DataError(f"no data file matches {pattern!r}")
-    return [path for pattern in patterns for path in sorted(glob.glob(pattern))]
+    paths = [path for pattern in patterns for path in sorted(glob.glob(pattern))]
+    directories = [path for path in paths if os.path.isdir(path)]
+    if directories:
+        raise DataError(f"{directories[0]} is a directory: give its files, for example "
+                        f"'{directories[0].rstrip('/')}/*.json'")
+    return paths
 
 
 # Each field's accepted types; bool is excluded explicitly (in Python, True is an int).

@@ -761,6 +761,14 @@ def test_a_data_path_that_does_not_exist_is_a_flag_error(capsys):
     assert "no data file matches '/nonexistent/vsi100k/*.json'" in capsys.readouterr().err
 
 
+def test_a_data_directory_is_a_flag_error_that_suggests_its_files(tmp_path, capsys):
+    (tmp_path / "vsi100k").mkdir()                                  # it raised IsADirectoryError after the flags
+    with pytest.raises(SystemExit):
+        vsgrpo.parse_args(["--data", str(tmp_path / "vsi100k")])
+    assert f"{tmp_path / 'vsi100k'} is a directory: give its files, for example '{tmp_path / 'vsi100k'}/*.json'" in \
+        capsys.readouterr().err
+
+
 def test_a_bad_video_is_reported_remembered_and_replaced_by_a_row_known_to_be_good(synthetic, capsys):
     args = make_args(synthetic)
     samples = data.load_samples([synthetic["data"]], synthetic["videos"], "vanilla")
