@@ -1377,6 +1377,14 @@ def test_training_refuses_bad_rows_before_loading_any_model(synthetic, tmp_path)
         vsgrpo.main(["--model", "/no/such/model", "--data", rows, "--video-root", str(tmp_path / "videos")])
 
 
+def test_a_video_root_that_holds_none_of_the_videos_is_named_as_the_flag_at_fault(synthetic, tmp_path):
+    # It said "12 of 12 videos missing, over --max-bad-video-fraction 0.5", pointing at the wrong flag.
+    flags = training_flags(synthetic, tmp_path, "--video-root", str(tmp_path / "scannet"))
+    with pytest.raises(SystemExit, match=f"--video-root {tmp_path / 'scannet'}: none of the 12 videos the rows name is "
+                                         f"there \\(for example {tmp_path / 'scannet' / 'synthetic'}/train_00000.mp4\\)"):
+        vsgrpo.main(flags)
+
+
 def test_held_out_videos_missing_for_eval_every_stop_training_before_any_model_loads(synthetic, tmp_path):
     rows = tmp_path / "heldout.jsonl"
     rows.write_text(json.dumps({"dataset": "synthetic", "scene_name": "no_such_scene", "question_type": "object_counting",

@@ -980,7 +980,7 @@ def checked_samples(args) -> list[dict]:
     samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
     if errors:
         raise DataError(f"{len(errors)} bad row(s):\n  " + "\n  ".join(errors[:20]) + "\n(--check-data lists all)")
-    missing, videos = check_videos(samples, args, decode=False), len({s["video"] for s in samples})
+    missing, videos = missing_videos(samples, args, "--video-root", args.video_root), len({s["video"] for s in samples})
     if len(missing) > args.max_bad_video_fraction * videos:
         raise DataError(f"{len(missing)} of {videos} videos missing, over --max-bad-video-fraction "
                         f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(list(missing.values())[:10]))
@@ -989,6 +989,15 @@ def checked_samples(args) -> list[dict]:
         print(f"warning: {len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
               "\n  ".join(list(missing.values())[:10]), file=sys.stderr)
     return samples
+
+
+def missing_videos(rows: list[dict], args, flag: str, root: str) -> dict[str, str]:
+    """{video: problem} of the rows' videos not on disk; none there at all is a wrong root, named as such."""
+    missing, videos = check_videos(rows, args, decode=False), {r["video"] for r in rows}
+    if len(missing) == len(videos):
+        raise DataError(f"{flag} {root}: none of the {len(videos)} videos the rows name is there (for example "
+                        f"{rows[0]['video']})")
+    return missing
 
 
 def checked_eval_rows(args) -> list[dict]:
@@ -1113,10 +1122,7 @@ def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict
 def run_evaluation(args) -> dict:
     accelerator = make_accelerator()
     rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)
-    videos = {r["video"] for r in rows}  # a row whose video is missing is reported, unscored; none at all is a typo
-    if len(check_videos(rows, args, decode=False)) == len(videos):
-        raise DataError(f"--eval-video-root {args.eval_video_root}: none of the {len(videos)} videos the rows name is "
-                        f"there (for example {rows[0]['video']})")
+    missing_videos(rows, args, "--eval-video-root", args.eval_video_root)  # a few are reported, unscored
     check_model(args.model)
     on_main_process(accelerator, lambda: free_output_dir(args.output_dir, args.overwrite,
                                                          r"predictions\.jsonl|metrics\.json"))
