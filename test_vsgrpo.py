@@ -1167,6 +1167,7 @@ def test_evaluation_with_two_processes_equals_one_process(synthetic, tmp_path):
     for command in ([sys.executable, *flags(tmp_path / "one")], [*LAUNCH_TWO, *flags(tmp_path / "two")]):
         done = run_processes(command)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count("Loading weights: 100%") == 1                  # one bar, not one per process
     one, two = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "two"))
     assert one["scores"] == two["scores"] and one["not_evaluated"] == two["not_evaluated"]
     assert open(tmp_path / "one" / "predictions.jsonl").read() == open(tmp_path / "two" / "predictions.jsonl").read()

@@ -469,6 +469,8 @@ def make_accelerator(report_to: str = "none", output_dir: str | None = None) -> 
     # Accelerator() alone picks no process group on a CPU, so each process would train alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=None if report_to == "none" else report_to,
                               project_dir=output_dir)  # where tensorboard writes
+    if not accelerator.is_main_process:  # one bar while the model loads, not one per process
+        transformers_logging.disable_progress_bar()
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         raise RuntimeError(f"launched {os.environ['WORLD_SIZE']} processes; accelerate sees {accelerator.num_processes}")
     if accelerator.mixed_precision == "fp16":  # its loss scaler backs off only in steps the non-finite guard skips
