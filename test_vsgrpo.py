@@ -1698,6 +1698,7 @@ def test_sigterm_to_two_processes_under_accelerate_launch_saves_one_agreed_step(
     last = logged[-2]["step"]
     assert code != 0 and logged[-1] == {"step": last + 1, "stopped": "stopped by SIGTERM"}, err[-3000:]
     assert err.count(f"saved {tmp_path / f'checkpoint-{last:06d}'}") == 1
+    assert err.count("SIGTERM: finishing this step, then saving it") == 1             # said once, not per process
     assert vsgrpo.checkpoints(str(tmp_path)) == [str(tmp_path / f"checkpoint-{last:06d}")]
     trainer = os.listdir(tmp_path / f"checkpoint-{last:06d}" / "trainer")
     assert {"rng-rank0.pt", "rng-rank1.pt"} <= set(trainer)

@@ -950,8 +950,9 @@ class StopSignals:
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: the step was abandoned, unsaved")
         if not self.received:
             self.received, self.at = signum, time.monotonic()
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving it (send it again to stop at "
-                  "once, unsaved)", file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # every process received it; one says so
+                print(f"\n{signal.Signals(signum).name}: finishing this step, then saving it (send it again to stop "
+                      "at once, unsaved)", file=sys.stderr, flush=True)
 
     def restore(self):
         for s, handler in self.previous.items():
