@@ -1800,6 +1800,14 @@ def copy_dataset(synthetic, to) -> str:
     return str(to / "videos")
 
 
+def test_a_warning_every_process_reaches_is_said_once_under_accelerate_launch(synthetic, tmp_path):
+    videos = copy_dataset(synthetic, tmp_path)
+    os.remove(os.path.join(videos, "synthetic", "train_00007.mp4"))
+    done = run_processes([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), *training_flags(
+        synthetic, tmp_path / "run", "--max-steps", "1", "--save-every", "0", reward="accuracy"), "--video-root", videos])
+    assert done.returncode == 0 and done.stderr.count("1 video(s) missing; their rows are dropped") == 1, done.stderr
+
+
 def test_one_bad_video_at_the_default_batch_size_is_skipped_for_the_whole_run(synthetic, tmp_path, capsys):
     videos = copy_dataset(synthetic, tmp_path)
     open(os.path.join(videos, "synthetic", "train_00003.mp4"), "r+b").truncate(1500)        # undecodable

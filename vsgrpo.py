@@ -578,7 +578,7 @@ class Run:
                 print_completions(ro, args)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if stats["nonfinite"] else 0
         if self.nonfinite_in_a_row:
-            print(f"warning: step {step} skipped: non-finite loss or gradient", file=sys.stderr)
+            warn(f"step {step} skipped: non-finite loss or gradient")
         if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:  # their updates were skipped: these are the last good weights
             self.stop(f"stopped: {MAX_NONFINITE_STEPS} steps in a row had a non-finite loss or gradient", 1, step)
         if args.save_every and (step % args.save_every == 0 or step == self.steps):
@@ -659,6 +659,12 @@ def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
             f.write("5")  # restarts VmHWM from the current resident set (getrusage's peak cannot be reset)
     status = open("/proc/self/status").read() if os.path.exists("/proc/self/status") else "VmHWM: nan kB"
     return float(re.search(r"VmHWM:\s*(\S+)", status).group(1)) / 2**20
+
+
+def warn(message: str) -> None:
+    """A warning that every process reaches alike, said once."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def show_progress(line: str, last: bool = True) -> None:
@@ -989,8 +995,8 @@ def checked_samples(args) -> list[dict]:
                         f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(list(missing.values())[:10]))
     if missing:
         samples = [s for s in samples if s["video"] not in missing]
-        print(f"warning: {len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
-              "\n  ".join(list(missing.values())[:10]), file=sys.stderr)
+        warn(f"{len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
+             "\n  ".join(list(missing.values())[:10]))
     return samples
 
 
