@@ -742,6 +742,19 @@ def test_a_model_neither_on_disk_nor_reachable_is_one_line_before_any_work(synth
     assert os.listdir(tmp_path) == []                                   # nothing written
 
 
+def test_a_model_directory_without_a_checkpoint_is_one_line_naming_the_newest_checkpoint_inside(synthetic, tmp_path):
+    # transformers 5 reads a directory without config.json as a default (72B-sized) config, so a run's output
+    # directory passed as --model got past the check and failed later with a raw OSError traceback.
+    vsgrpo.main(training_flags(synthetic, tmp_path / "run", "--max-steps", "1", "--save-every", "1"))
+    for directory, hint in ((tmp_path / "run", f"; its newest checkpoint is {tmp_path / 'run' / 'checkpoint-000001'}"),
+                            (tmp_path / "empty", "")):
+        os.makedirs(directory, exist_ok=True)
+        with pytest.raises(SystemExit) as stopped:
+            vsgrpo.main(eval_flags(synthetic, synthetic["data"], tmp_path / "eval") + ["--model", str(directory)])
+        assert str(stopped.value) == f"error: --model {directory} holds no checkpoint (a config.json and its weights)" \
+                                     f"{hint}"
+
+
 def test_accelerates_fp16_mixed_precision_stops_before_any_work_and_bf16_trains(synthetic, tmp_path):
     # On a GPU, fp16's loss scaler backs off only in optimizer.step(), which the non-finite guard skips:
     # the run would stop after 3 "non-finite" steps. The launcher passes its flag in this variable.

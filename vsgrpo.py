@@ -1043,10 +1043,16 @@ def check_model(name: str) -> None:
     """Stop in one line when --model is neither a local checkpoint nor on the hub, before other work.
     Only config.json is fetched here; the loader's own error stays chained (and its first line shown)."""
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # not one warning per retry
+    files = os.listdir(name) if os.path.isdir(name) else None
+    # transformers 5 reads a directory without config.json as a default config, so look for the files.
+    if files is not None and ("config.json" not in files or not any(f.endswith((".safetensors", ".bin")) for f in files)):
+        inside = checkpoints(name)  # a training run's output directory
+        raise DataError(f"--model {name} holds no checkpoint (a config.json and its weights)" +
+                        (f"; its newest checkpoint is {inside[-1]}" if inside else ""))
     try:
         Qwen2VLConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        where = "is a directory without a Qwen2-VL config.json" if os.path.isdir(name) else \
+        where = "has a config.json that Qwen2-VL cannot read" if files is not None else \
             "is not a local directory, and the model hub could not give it"
         raise DataError(f"--model {name} {where} ({type(e).__name__}: {str(e).splitlines()[0]}). "
                         "Pass the directory of a downloaded checkpoint.") from e
