@@ -1541,6 +1541,17 @@ def test_resume_with_nothing_to_resume_stops_and_changes_nothing(synthetic, tmp_
     assert checkpoint_files(tmp_path) == before
 
 
+def test_resume_given_the_runs_directory_names_its_newest_checkpoint(synthetic, tmp_path):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "1", "--log-completions-every", "0")
+    vsgrpo.main(flags)
+    before = checkpoint_files(tmp_path)
+    newest = tmp_path / "checkpoint-000002"                # it said the directory "has no manifest.json"
+    with pytest.raises(SystemExit, match=f"--resume {tmp_path}: {tmp_path} is a run's directory, not a checkpoint. "
+                                         f"The newest checkpoint that verifies is {newest}: pass --resume {newest}"):
+        vsgrpo.main(flags + ["--resume", str(tmp_path), "--max-steps", "3"])
+    assert checkpoint_files(tmp_path) == before
+
+
 @pytest.mark.parametrize("max_steps", ["2", "1"])
 def test_resume_from_the_last_step_or_past_it_says_there_is_nothing_to_train(synthetic, tmp_path, max_steps):
     flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "2", "--log-completions-every", "0")

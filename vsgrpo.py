@@ -824,9 +824,10 @@ def checkpoint_to_resume(args, world_size: int, steps: int) -> str:
     the newest that does, setting damaged ones aside. Either must come from a run with these settings, and training
     on from it must not write over a newer checkpoint, or over another run when it continues in another directory."""
     if args.resume != "latest":
-        problem = checkpoint_problem(args.resume)
+        inside = checkpoints(args.resume)  # the run's directory given, not one of its checkpoints
+        problem = f"{args.resume} is a run's directory, not a checkpoint" if inside else checkpoint_problem(args.resume)
         if problem:
-            good = next((c for c in reversed(checkpoints(os.path.dirname(os.path.abspath(args.resume))))
+            good = next((c for c in reversed(inside or checkpoints(os.path.dirname(os.path.abspath(args.resume))))
                          if not checkpoint_problem(c)), None)
             raise DataError(f"--resume {args.resume}: {problem}" +
                             (f". The newest checkpoint that verifies is {good}: pass --resume {good}" if good else ""))
