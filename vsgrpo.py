@@ -1046,7 +1046,8 @@ def check_model(name: str) -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # not one warning per retry
     files = os.listdir(name) if os.path.isdir(name) else None
     # transformers 5 reads a directory without config.json as a default config, so look for the files.
-    if files is not None and ("config.json" not in files or not any(f.endswith((".safetensors", ".bin")) for f in files)):
+    weights = files is not None and any(f.endswith((".safetensors", ".bin")) for f in files)
+    if files is not None and not ("config.json" in files and weights):
         inside = checkpoints(name)  # a training run's output directory
         raise DataError(f"--model {name} holds no checkpoint (a config.json and its weights)" +
                         (f"; its newest checkpoint is {inside[-1]}" if inside else ""))
