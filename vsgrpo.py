@@ -661,9 +661,12 @@ def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
     return float(re.search(r"VmHWM:\s*(\S+)", status).group(1)) / 2**20
 
 
+def rank_zero() -> bool:  # under accelerate launch, what every process meets alike is said by rank 0 alone
+    return os.environ.get("RANK", "0") == "0"
+
+
 def warn(message: str) -> None:
-    """A warning that every process reaches alike, said once."""
-    if os.environ.get("RANK", "0") == "0":
+    if rank_zero():
         print(f"warning: {message}", file=sys.stderr)
 
 
@@ -957,7 +960,7 @@ class StopSignals:
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: the step was abandoned, unsaved")
         if not self.received:
             self.received, self.at = signum, time.monotonic()
-            if os.environ.get("RANK", "0") == "0":  # every process received it; one says so
+            if rank_zero():  # every process received it
                 print(f"\n{signal.Signals(signum).name}: finishing this step, then saving it (send it again to stop "
                       "at once, unsaved)", file=sys.stderr, flush=True)
 
@@ -1425,7 +1428,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # under accelerate launch each process parses the flags; one says what is wrong
-        if os.environ.get("RANK", "0") != "0":
+        if not rank_zero():
             self.exit(2)
         super().error(message)
 
@@ -1503,9 +1506,9 @@ def main(argv=None):
         run = run_demo if args.demo else run_benchmark if args.benchmark else None
         result = run(argv) if run else run_evaluation(args) if args.eval_only else train(args)
     except DataError as e:  # every process stops alike; one says why
-        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+        sys.exit(f"error: {e}" if rank_zero() else 1)
     except RunStopped as e:
-        if os.environ.get("RANK", "0") == "0":
+        if rank_zero():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the run's handlers are in place
