@@ -1123,6 +1123,15 @@ def test_evaluation_with_no_video_where_the_rows_point_stops_before_loading_the_
     assert not os.path.exists(tmp_path / "eval" / "predictions.jsonl")
 
 
+def test_evaluation_of_rows_of_no_vsi_bench_type_stops_before_loading_the_model(synthetic, tmp_path):
+    # Types of the demo's own data: it loaded the model, answered nothing and printed an Avg of 0.0 over no task.
+    rows = [r for r in synthetic["rows"] if r["question_type"] != "object_counting"]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="--eval-data: none of the 8 rows is of a question type VSI-Bench scores "
+                                         r"\(found: object_colour, object_rel_direction\)"):
+        vsgrpo.main(eval_flags(synthetic, tmp_path / "rows.jsonl", tmp_path / "eval") + ["--model", "/no/such/model"])
+
+
 def test_a_partial_evaluation_says_how_many_tasks_its_average_covers(synthetic, tmp_path, capsys):
     rows = write_benchmark_rows(synthetic, tmp_path / "all.jsonl")
     with open(tmp_path / "two_tasks.jsonl", "w") as f:

@@ -1143,6 +1143,10 @@ def run_evaluation(args) -> dict:
     accelerator = make_accelerator()
     rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)
     missing_videos(rows, args, "--eval-video-root", args.eval_video_root)  # a few are reported, unscored
+    types = sorted({r["question_type"] for r in rows})  # as with videos: a few unknown are reported, all is a mistake
+    if not BENCHMARK_TYPES & set(types):
+        raise DataError(f"--eval-data: none of the {len(rows)} rows is of a question type VSI-Bench scores (found: "
+                        f"{', '.join(types[:10])})")
     check_model(args.model)
     on_main_process(accelerator, lambda: free_output_dir(args.output_dir, args.overwrite,
                                                          r"predictions\.jsonl|metrics\.json"))
