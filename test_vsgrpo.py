@@ -1437,6 +1437,26 @@ def always_nan(completions, samples):
     return [float("nan")] * len(completions)
 
 
+@rewards.reward("preempted_in_step_1")
+def preempted_in_step_1(completions, samples):
+    os.kill(os.getpid(), signal.SIGTERM)                  # as a scheduler does, while the step's answers are scored
+    return [0.0] * len(completions)
+
+
+def test_a_stop_signal_skips_the_scheduled_evaluation_and_saves_at_once(synthetic, tmp_path, capsys):
+    # A scheduler's grace period covers the rest of a step and a save; an evaluation of all held-out questions
+    # (--eval-limit 0) in between could outlast it and lose the step.
+    rows = tmp_path / "heldout.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in synthetic["rows"] if r["question_type"] == "object_counting"))
+    with pytest.raises(SystemExit) as stopped:
+        vsgrpo.main(training_flags(synthetic, tmp_path / "run", "--max-steps", "3", "--rewards", "preempted_in_step_1",
+                                   "--eval-every", "1", "--eval-data", str(rows), "--eval-video-root", synthetic["videos"]))
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert stopped.value.code == 128 + signal.SIGTERM and "evaluated" not in capsys.readouterr().out
+    assert "eval_avg" not in logged[0] and logged[1] == {"step": 2, "stopped": "stopped by SIGTERM"}
+    assert vsgrpo.checkpoints(str(tmp_path / "run")) == [str(tmp_path / "run" / "checkpoint-000001")]
+
+
 def test_a_non_finite_step_is_skipped_and_counted(synthetic, tmp_path):
     nan_on_step_2.__defaults__[0].clear()
     policy = vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "4", "--rewards", "nan_on_step_2"))

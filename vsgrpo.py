@@ -568,7 +568,9 @@ class Run:
         metrics = step_metrics(ro, args, stats, len(self.failures), self.optimizer.param_groups[0]["lr"])
         metrics.update(video_encodings=self.encodings["videos"], peak_memory_gb=peak_memory_gb(accelerator.device))
         metrics = average_over_processes(accelerator, metrics)
-        if args.eval_every and step % args.eval_every == 0:
+        # Not when the run is about to stop: a preemption's grace period covers the rest of a step and a save.
+        if args.eval_every and step % args.eval_every == 0 and not agreed_stop(accelerator, self.signals, self.decoded,
+                                                                               False, args):
             metrics["eval_avg"] = task_scores(evaluate(self.policy, self.tokenizer, self.eval_rows, args,
                                                        accelerator)[0])["Avg"]
         if accelerator.is_main_process:
