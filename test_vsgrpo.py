@@ -1697,6 +1697,10 @@ def test_ctrl_c_before_a_step_names_the_checkpoint_to_resume_and_only_where_ther
         vsgrpo.main(["--eval-only", "--model", synthetic["model"], "--eval-data", synthetic["data"],
                      "--eval-video-root", synthetic["videos"], "--output-dir", str(tmp_path / "eval")])
     assert stop.value.code == "interrupted"
+    monkeypatch.setenv("RANK", "1")                                  # under accelerate launch, rank 0 alone says it
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main(flags + ["--resume", "--max-steps", "4"])
+    assert stop.value.code == 1
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

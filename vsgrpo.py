@@ -1519,8 +1519,9 @@ def main(argv=None):
         sys.exit(e.code)
     except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the run's handlers are in place
         newest = [] if args.demo or args.benchmark or args.eval_only else checkpoints(args.output_dir)
-        sys.exit((str(e) or "interrupted") + (f"; the newest complete checkpoint is {newest[-1]}: continue with "
-                                              "--resume" if newest else ""))
+        message = (str(e) or "interrupted") + (f"; the newest complete checkpoint is {newest[-1]}: continue with "
+                                               "--resume" if newest else "")
+        sys.exit(message if rank_zero() else 1)
     make_accelerator().end_training()  # once, after every pass that needed the process group
     return result
 
