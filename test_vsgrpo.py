@@ -1457,6 +1457,27 @@ def test_a_stop_signal_skips_the_scheduled_evaluation_and_saves_at_once(syntheti
     assert vsgrpo.checkpoints(str(tmp_path / "run")) == [str(tmp_path / "run" / "checkpoint-000001")]
 
 
+def test_a_stop_signal_during_an_evaluation_cuts_it_short_and_saves(synthetic, tmp_path, monkeypatch):
+    rows = tmp_path / "heldout.jsonl"
+    counting = [r for r in synthetic["rows"] if r["question_type"] == "object_counting"]
+    rows.write_text("".join(json.dumps(dict(r, id=f"{r['id']}-{k}")) + "\n" for k in range(5) for r in counting))
+    loaded, load_video = [], vsgrpo.load_video
+
+    def preempted_while_evaluating(*args):  # the first held-out video: a scheduler's SIGTERM arrives
+        if not loaded:
+            os.kill(os.getpid(), signal.SIGTERM)
+        loaded.append(1)
+        return load_video(*args)
+    monkeypatch.setattr(vsgrpo, "load_video", preempted_while_evaluating)
+    with pytest.raises(SystemExit) as stopped:
+        vsgrpo.main(training_flags(synthetic, tmp_path / "run", "--max-steps", "3", "--eval-every", "1", "--eval-data",
+                                   str(rows), "--eval-video-root", synthetic["videos"], "--eval-batch-size", "1"))
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert stopped.value.code == 128 + signal.SIGTERM and len(loaded) == 1          # not all 20 held-out questions
+    assert "eval_avg" not in logged[0] and logged[1] == {"step": 2, "stopped": "stopped by SIGTERM"}
+    assert vsgrpo.checkpoints(str(tmp_path / "run")) == [str(tmp_path / "run" / "checkpoint-000001")]
+
+
 def test_a_non_finite_step_is_skipped_and_counted(synthetic, tmp_path):
     nan_on_step_2.__defaults__[0].clear()
     policy = vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "4", "--rewards", "nan_on_step_2"))

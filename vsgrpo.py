@@ -568,11 +568,14 @@ class Run:
         metrics = step_metrics(ro, args, stats, len(self.failures), self.optimizer.param_groups[0]["lr"])
         metrics.update(video_encodings=self.encodings["videos"], peak_memory_gb=peak_memory_gb(accelerator.device))
         metrics = average_over_processes(accelerator, metrics)
-        # Not when the run is about to stop: a preemption's grace period covers the rest of a step and a save.
-        if args.eval_every and step % args.eval_every == 0 and not agreed_stop(accelerator, self.signals, self.decoded,
-                                                                               False, args):
-            metrics["eval_avg"] = task_scores(evaluate(self.policy, self.tokenizer, self.eval_rows, args,
-                                                       accelerator)[0])["Avg"]
+        # Not when the run is about to stop (a signal also cuts it short): a preemption's grace period covers the
+        # rest of a step and a save.
+        stopping = lambda: agreed_stop(accelerator, self.signals, self.decoded, False, args)
+        if args.eval_every and step % args.eval_every == 0 and not stopping():
+            predictions, _ = evaluate(self.policy, self.tokenizer, self.eval_rows, args, accelerator,
+                                      signals=self.signals)
+            if not stopping():
+                metrics["eval_avg"] = task_scores(predictions)["Avg"]
         if accelerator.is_main_process:
             log_step(args, step, self.steps, metrics, (time.perf_counter() - self.started) / (step - self.start))
             accelerator.log(metrics, step=step)
@@ -1067,16 +1070,18 @@ def check_model(name: str) -> None:
 
 # ---------------------------------------------------------------------------- evaluation on VSI-Bench
 def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, protocol: str,
-                show: bool = False) -> tuple[list, list]:
+                show: bool = False, signals=None) -> tuple[list, list]:
     """Greedy answers to rows[indices], scored: (predictions, rows not evaluated with the reason). protocol
     "benchmark": VSI-Bench's prompts, clean-up and metrics; "training": the training prompt and the accuracy
-    reward (the demo's held-out questions)."""
+    reward (the demo's held-out questions). A training run's stop signal ends it early."""
     benchmark = protocol == "benchmark"
     # VSI-Bench decodes 16 new tokens; a think or observe prompt needs the training length.
     config = generation_config(policy, tokenizer, 16 if benchmark and args.eval_prompt == "vanilla"
                                else args.max_completion_length)
     predictions, skipped = [], []
     for start in range(0, len(indices), args.eval_batch_size):
+        if signals and signals.received:
+            break
         if show and (sys.stdout.isatty() or start % (50 * args.eval_batch_size) == 0):  # piped: a line now and then
             show_progress(f"  evaluated {start} of this process's {len(indices)} questions", last=False)
         chunk = []  # videos are decoded a batch at a time: all of VSI-Bench's would not fit in memory
@@ -1100,16 +1105,18 @@ def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, p
                                 "raw_output": raw, "prediction": prediction, "ground_truth": row["answer"],
                                 "score": (benchmark_score if benchmark else answer_score)(prediction, row)})
     if show:
-        show_progress(f"  evaluated {len(indices)} of this process's {len(indices)} questions")
+        show_progress(f"  evaluated {len(predictions) + len(skipped)} of this process's {len(indices)} questions")
     return predictions, skipped
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, rows: list[dict], args, accelerator, protocol="benchmark") -> tuple[list, list]:
+def evaluate(policy, tokenizer, rows: list[dict], args, accelerator, protocol="benchmark",
+             signals=None) -> tuple[list, list]:
     """Each process answers every W-th row; all processes get all predictions, in row order."""
     policy.eval()
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
-    predictions, skipped = answer_rows(policy, tokenizer, rows, mine, args, protocol, accelerator.is_main_process)
+    predictions, skipped = answer_rows(policy, tokenizer, rows, mine, args, protocol, accelerator.is_main_process,
+                                       signals)
     return [sorted(gather_object(items), key=lambda item: item["index"]) for items in (predictions, skipped)]
 
 
