@@ -254,6 +254,16 @@ def test_tokens_clipped_in_the_direction_of_the_advantage_carry_no_gradient():
     assert clipped.squeeze(1).tolist() == [True, True, False, False]
 
 
+def test_the_ratio_is_clipped_at_exactly_one_minus_and_one_plus_eps():
+    # Ratios just past and just inside each bound (eps 0.2), each with the advantage whose sign lets the clip bite.
+    ratios, adv = torch.tensor([[1.25], [1.15], [0.75], [0.85]]), torch.tensor([1.0, 1.0, -1.0, -1.0])
+    token_loss, _, clipped = vsgrpo.grpo_token_loss(ratios.log(), torch.zeros(4, 1), None, adv, torch.ones(4, 1),
+                                                    0.2, 0.0)
+    # By hand: -min(rho A, clip(rho, 0.8, 1.2) A) = -1.2, -1.15, 0.8, 0.85.
+    assert token_loss.squeeze(1).tolist() == pytest.approx([-1.2, -1.15, 0.8, 0.85], abs=1e-6)
+    assert clipped.squeeze(1).tolist() == [True, False, True, False]
+
+
 def test_masked_tokens_carry_no_gradient():
     logps, old, ref, adv, mask = random_loss_inputs()
     logps.requires_grad_()
@@ -582,6 +592,32 @@ def test_the_shared_prompt_gives_the_straightforward_paths_samples_log_probs_los
     assert plain_stats["loss"] == pytest.approx(shared_stats["loss"], abs=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain_steps, shared_steps))
     assert max(step.abs().max() for step in shared_steps) > 1e-3            # it did learn something
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+def test_a_step_split_into_micro_batches_takes_the_same_step_as_one_forward_over_it(synthetic, aggregation):
+    # Each micro-batch adds its exact share of the step's loss: one completion per forward, and all six in one,
+    # must give the same loss and the same update.
+    results = []
+    for micro in (1, 6):
+        args = make_args(synthetic, "--lora-rank", "4", "--lora-alpha", "8", "-G", "3", "--rewards", "length",
+                         "--beta", "0.1", "--micro-batch-size", str(micro), "--loss-aggregation", aggregation)
+        torch.manual_seed(0)
+        model, tokenizer = vsgrpo.load_model(args, torch.device("cpu"))
+        perturbed(model)
+        batch = batch_of(synthetic, [0, 1], args, tokenizer, model)
+        torch.manual_seed(0)
+        ro = vsgrpo.rollout(model, None, batch, args, tokenizer)
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        stats = vsgrpo.optimise(model, model, optimizer, vsgrpo.make_accelerator(), ro, args)
+        steps = [b - p.detach() for b, p in zip(before, (p for p in model.parameters() if p.requires_grad))]
+        results.append((ro.completion_ids, stats["loss"], steps))
+    (ids_1, loss_1, steps_1), (ids_6, loss_6, steps_6) = results
+    assert torch.equal(ids_1, ids_6) and loss_1 != 0
+    assert loss_1 == pytest.approx(loss_6, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(steps_1, steps_6))
+    assert max(step.abs().max() for step in steps_6) > 1e-3
 
 
 def test_packed_log_probs_equal_separate_sequences_next_to_an_early_eos_and_a_mutation_breaks_them(
