@@ -533,6 +533,27 @@ def test_sampling_and_training_log_probs_agree_on_a_left_padded_batch(synthetic)
     assert ((trained - sampled).abs() * mask).max() < 1e-5
 
 
+def test_sampling_from_one_prefilled_prompt_gives_each_step_the_distribution_of_sampling_from_the_whole(synthetic):
+    # G copies continue one prefilled prompt, each with the rotary offset of its question (one prompt is
+    # left-padded). Every step's next-token log-probs must be the plain generate()'s: equal samples alone would
+    # pass a small error, such as an offset left from an earlier call.
+    args, model, tokenizer = load_tiny(synthetic)
+    batch = batch_of(synthetic, [0, 1], args, tokenizer, model)
+    config = vsgrpo.generation_config(model, tokenizer, 6, 3, 1.0)
+    steps = []
+    model.lm_head.register_forward_hook(lambda module, inputs, out: steps.append(out[:, -1].log_softmax(-1)))
+    runs = []
+    # Prefilled first, as in training, on a model that has made no call yet; None: plain generate() over each prompt.
+    for features in (vsgrpo.encode_videos(model, batch), None):
+        batch.video_features, steps[:] = features, []
+        torch.manual_seed(0)
+        runs.append((vsgrpo.generate(model, batch, config), steps[-6:]))  # the last 6 calls: one per new token
+    (shared_ids, shared), (plain_ids, plain) = runs
+    assert torch.equal(plain_ids, shared_ids) and plain_ids.shape == (6, 6)
+    assert all(a.shape == (6, model.config.text_config.vocab_size) for a in plain + shared)
+    assert max((a - b).abs().max() for a, b in zip(plain, shared)) < 1e-5
+
+
 def test_reference_log_probs_see_the_video(synthetic):
     args, model, tokenizer = load_tiny(synthetic)
     args.num_generations = 1
@@ -613,6 +634,7 @@ def test_a_step_split_into_micro_batches_takes_the_same_step_as_one_forward_over
         stats = vsgrpo.optimise(model, model, optimizer, vsgrpo.make_accelerator(), ro, args)
         steps = [b - p.detach() for b, p in zip(before, (p for p in model.parameters() if p.requires_grad))]
         results.append((ro.completion_ids, stats["loss"], steps))
+        assert all(p.grad is None for p in model.parameters())          # nothing carried into the next step
     (ids_1, loss_1, steps_1), (ids_6, loss_6, steps_6) = results
     assert torch.equal(ids_1, ids_6) and loss_1 != 0
     assert loss_1 == pytest.approx(loss_6, abs=1e-6)
