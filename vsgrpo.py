@@ -297,7 +297,7 @@ def generate(model, batch: Batch, config: GenerationConfig) -> torch.Tensor:
         positions, deltas = model.model.get_rope_index(batch.input_ids, types, video_grid_thw=batch.video_grid_thw,
                                                        attention_mask=batch.attention_mask)  # [3, B, P], [B, 1]
         cache = model(**{k: v[:, :-1] for k, v in inputs.items()}, position_ids=positions[..., :-1], use_cache=True,
-                      **video_inputs(batch, list(videos))).past_key_values  # all but the last prompt token
+                      logits_to_keep=1, **video_inputs(batch, list(videos))).past_key_values  # all but the last token
         cache.batch_repeat_interleave(G)
         # generate() continues from the cache; each copy's rotary offset is set explicitly, since the
         # model keeps it from its last call (here the prefill of B rows, not B*G).
