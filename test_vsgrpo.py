@@ -615,31 +615,44 @@ def test_the_shared_prompt_gives_the_straightforward_paths_samples_log_probs_los
     assert max(step.abs().max() for step in shared_steps) > 1e-3            # it did learn something
 
 
+def one_step(synthetic, *flags):
+    """One rollout of two questions (G = 3) and one optimisation step by SGD at lr 1: (ids, stats, update)."""
+    args = make_args(synthetic, "--lora-rank", "4", "--lora-alpha", "8", "-G", "3", "--rewards", "length",
+                     "--beta", "0.1", *flags)
+    torch.manual_seed(0)
+    model, tokenizer = vsgrpo.load_model(args, torch.device("cpu"))
+    perturbed(model)
+    batch = batch_of(synthetic, [0, 1], args, tokenizer, model)
+    torch.manual_seed(0)
+    ro = vsgrpo.rollout(model, None, batch, args, tokenizer)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    stats = vsgrpo.optimise(model, model, optimizer, vsgrpo.make_accelerator(), ro, args)
+    assert all(p.grad is None for p in model.parameters())             # nothing carried into the next step
+    return ro.completion_ids, stats, [b - p.detach() for b, p in zip(before, (p for p in model.parameters()
+                                                                             if p.requires_grad))]
+
+
 @pytest.mark.parametrize("aggregation", ["sequence", "token"])
 def test_a_step_split_into_micro_batches_takes_the_same_step_as_one_forward_over_it(synthetic, aggregation):
     # Each micro-batch adds its exact share of the step's loss: one completion per forward, and all six in one,
     # must give the same loss and the same update.
-    results = []
-    for micro in (1, 6):
-        args = make_args(synthetic, "--lora-rank", "4", "--lora-alpha", "8", "-G", "3", "--rewards", "length",
-                         "--beta", "0.1", "--micro-batch-size", str(micro), "--loss-aggregation", aggregation)
-        torch.manual_seed(0)
-        model, tokenizer = vsgrpo.load_model(args, torch.device("cpu"))
-        perturbed(model)
-        batch = batch_of(synthetic, [0, 1], args, tokenizer, model)
-        torch.manual_seed(0)
-        ro = vsgrpo.rollout(model, None, batch, args, tokenizer)
-        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-        stats = vsgrpo.optimise(model, model, optimizer, vsgrpo.make_accelerator(), ro, args)
-        steps = [b - p.detach() for b, p in zip(before, (p for p in model.parameters() if p.requires_grad))]
-        results.append((ro.completion_ids, stats["loss"], steps))
-        assert all(p.grad is None for p in model.parameters())          # nothing carried into the next step
-    (ids_1, loss_1, steps_1), (ids_6, loss_6, steps_6) = results
-    assert torch.equal(ids_1, ids_6) and loss_1 != 0
-    assert loss_1 == pytest.approx(loss_6, abs=1e-6)
+    ids_1, stats_1, steps_1 = one_step(synthetic, "--micro-batch-size", "1", "--loss-aggregation", aggregation)
+    ids_6, stats_6, steps_6 = one_step(synthetic, "--micro-batch-size", "6", "--loss-aggregation", aggregation)
+    assert torch.equal(ids_1, ids_6) and stats_1["loss"] != 0
+    assert stats_1["loss"] == pytest.approx(stats_6["loss"], abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(steps_1, steps_6))
     assert max(step.abs().max() for step in steps_6) > 1e-3
+
+
+def test_the_gradient_is_clipped_to_max_grad_norm_and_its_norm_before_clipping_is_logged(synthetic):
+    _, free, free_step = one_step(synthetic, "--max-grad-norm", "1e9")
+    norm = math.sqrt(sum(float(step.double().pow(2).sum()) for step in free_step))  # SGD at lr 1: step = gradient
+    assert free["grad_norm"] == pytest.approx(norm, rel=1e-4) and norm > 1e-2
+    _, clipped, clipped_step = one_step(synthetic, "--max-grad-norm", str(norm / 10))
+    assert clipped["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    scale = norm / 10 / (norm + 1e-6)                                   # torch's clip_grad_norm_, as documented
+    assert all(torch.allclose(c, f * scale, rtol=1e-4, atol=1e-7) for c, f in zip(clipped_step, free_step))
 
 
 def test_packed_log_probs_equal_separate_sequences_next_to_an_early_eos_and_a_mutation_breaks_them(
