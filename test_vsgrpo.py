@@ -1161,6 +1161,8 @@ def test_evaluation_metrics_are_reproduced_from_its_predictions(synthetic, tmp_p
     assert len(predictions) == len(rows) - 2 == metrics["evaluated"]
     assert sorted(item["id"] for item in metrics["not_evaluated"]) == [100, 101]
     assert [p["id"] for p in predictions] == [r["id"] for r in rows[:-2]]      # integers, as VSI-Bench's are
+    tokenizer = vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"])  # the benchmark decodes 16 new tokens
+    assert max(len(tokenizer(p["raw_output"], add_special_tokens=False)["input_ids"]) for p in predictions) == 16
     by_type = {}
     for p in predictions:
         cleaned = p["raw_output"].split(" ")[0].rstrip(".").strip()         # the benchmark's clean-up, again
