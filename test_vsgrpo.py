@@ -615,8 +615,8 @@ def test_the_shared_prompt_gives_the_straightforward_paths_samples_log_probs_los
     assert max(step.abs().max() for step in shared_steps) > 1e-3            # it did learn something
 
 
-def one_step(synthetic, *flags):
-    """One rollout of two questions (G = 3) and one optimisation step by SGD at lr 1: (ids, stats, update)."""
+def one_step(synthetic, *flags, lr=1.0):
+    """One rollout of two questions (G = 3) and one optimisation step by SGD: (ids, stats, update)."""
     args = make_args(synthetic, "--lora-rank", "4", "--lora-alpha", "8", "-G", "3", "--rewards", "length",
                      "--beta", "0.1", *flags)
     torch.manual_seed(0)
@@ -626,7 +626,7 @@ def one_step(synthetic, *flags):
     torch.manual_seed(0)
     ro = vsgrpo.rollout(model, None, batch, args, tokenizer)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     stats = vsgrpo.optimise(model, model, optimizer, vsgrpo.make_accelerator(), ro, args)
     assert all(p.grad is None for p in model.parameters())             # nothing carried into the next step
     return ro.completion_ids, stats, [b - p.detach() for b, p in zip(before, (p for p in model.parameters()
@@ -635,14 +635,24 @@ def one_step(synthetic, *flags):
 
 @pytest.mark.parametrize("aggregation", ["sequence", "token"])
 def test_a_step_split_into_micro_batches_takes_the_same_step_as_one_forward_over_it(synthetic, aggregation):
-    # Each micro-batch adds its exact share of the step's loss: one completion per forward, and all six in one,
-    # must give the same loss and the same update.
-    ids_1, stats_1, steps_1 = one_step(synthetic, "--micro-batch-size", "1", "--loss-aggregation", aggregation)
+    # Each micro-batch adds its exact share of the step's loss: one completion per forward, one question per forward
+    # (4 is rounded down to whole questions, 3), and all six in one must give the same loss and the same update.
     ids_6, stats_6, steps_6 = one_step(synthetic, "--micro-batch-size", "6", "--loss-aggregation", aggregation)
-    assert torch.equal(ids_1, ids_6) and stats_1["loss"] != 0
-    assert stats_1["loss"] == pytest.approx(stats_6["loss"], abs=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(steps_1, steps_6))
-    assert max(step.abs().max() for step in steps_6) > 1e-3
+    assert stats_6["loss"] != 0 and max(step.abs().max() for step in steps_6) > 1e-3
+    for micro in ("1", "4"):
+        ids, stats, steps = one_step(synthetic, "--micro-batch-size", micro, "--loss-aggregation", aggregation)
+        assert torch.equal(ids, ids_6)
+        assert stats["loss"] == pytest.approx(stats_6["loss"], abs=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(steps, steps_6))
+
+
+def test_mu_passes_log_the_mean_of_their_loss_and_kl(synthetic):
+    # At a learning rate of 0 the policy never moves, so each of mu = 2 passes sees what one pass sees: their
+    # mean must equal one pass's figure (a sum would double it).
+    _, one, _ = one_step(synthetic, lr=0.0)
+    _, two, _ = one_step(synthetic, "--num-iterations", "2", lr=0.0)
+    assert one["kl"] > 0 and two["kl"] == pytest.approx(one["kl"], rel=1e-5)
+    assert one["loss"] != 0 and two["loss"] == pytest.approx(one["loss"], abs=1e-6)
 
 
 def test_the_gradient_is_clipped_to_max_grad_norm_and_its_norm_before_clipping_is_logged(synthetic):
