@@ -382,6 +382,16 @@ def test_smart_resize_by_hand():
     assert data.smart_resize(100, 200, 128 * 28 * 28) == (112, 196)
 
 
+def test_pixels_are_normalised_with_qwen2_vls_published_mean_and_std():
+    # image_mean and image_std of Qwen2-VL-2B-Instruct's preprocessor_config.json (OpenAI CLIP's), typed from it.
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    colour = (200, 100, 30)
+    patches, _ = data.video_patches(np.full((2, 56, 56, 3), colour, np.uint8), 56 * 56)  # one flat colour
+    channels = patches.view(len(patches), 3, -1)                       # [t*h*w, 3, 2*14*14], channel first
+    for c, value in enumerate(colour):
+        assert torch.allclose(channels[:, c], torch.tensor((value / 255 - mean[c]) / std[c]), atol=1e-5)
+
+
 def test_patch_layout_groups_each_merged_2x2_block_contiguously():
     video = torch.randn(3, 3, 56, 84)                          # T=3 (odd), 4x6 patches of 14x14
     patches, thw = data.patchify(video)
