@@ -368,7 +368,9 @@ def test_a_decoded_video_is_reused_until_its_file_changes(tmp_path):
     first = data.load_video(path, 2, 56 * 56)
     assert data.load_video(path, 2, 56 * 56)[0] is first[0]                  # cached
     assert first[1].tolist() == [1, 4, 4] and data.load_video(path, 4, 56 * 56)[1].tolist() == [2, 4, 4]
-    write_gray_video(path, [200] * 6)                                        # the file changes on disk
+    size = os.path.getsize(path)
+    write_gray_video(path, [200] * 4)                                        # the file changes on disk,
+    assert os.path.getsize(path) == size                                     # but not its size
     again = data.load_video(path, 2, 56 * 56)[0]
     assert again is not first[0] and again.mean() > first[0].mean()
 
@@ -390,6 +392,12 @@ def test_pixels_are_normalised_with_qwen2_vls_published_mean_and_std():
     channels = patches.view(len(patches), 3, -1)                       # [t*h*w, 3, 2*14*14], channel first
     for c, value in enumerate(colour):
         assert torch.allclose(channels[:, c], torch.tensor((value / 255 - mean[c]) / std[c]), atol=1e-5)
+
+
+def test_the_training_prompt_is_the_question_its_options_one_per_line_and_the_instruction():
+    sample = {"question": "Which is closer?", "options": ["A. chair", "B. table"], "prompt_mode": "think"}
+    assert data.question_text(sample) == "Which is closer?\nOptions:\nA. chair\nB. table\n" + data.PROMPTS["think"]
+    assert data.question_text({**sample, "options": []}) == "Which is closer?\n" + data.PROMPTS["think"]
 
 
 def test_patch_layout_groups_each_merged_2x2_block_contiguously():
