@@ -394,6 +394,16 @@ def test_pixels_are_normalised_with_qwen2_vls_published_mean_and_std():
         assert torch.allclose(channels[:, c], torch.tensor((value / 255 - mean[c]) / std[c]), atol=1e-5)
 
 
+def test_frames_are_resized_bicubically_as_the_reference_processor_does():
+    # A step from 50 to 200, halved: a bicubic kernel overshoots on both sides of the edge (by 1.76 here), a
+    # bilinear one, which the pretrained tower never saw, stays within [50, 200].
+    frames = np.full((2, 112, 112, 3), 50, np.uint8)
+    frames[:, :, 56:] = 200
+    patches, _ = data.video_patches(frames, 56 * 56)                  # 112x112 -> 56x56
+    values = (patches.view(len(patches), 3, -1) * data.CLIP_STD.view(1, 3, 1) + data.CLIP_MEAN.view(1, 3, 1)) * 255
+    assert values.min() < 49 and values.max() > 201
+
+
 def test_the_training_prompt_is_the_question_its_options_one_per_line_and_the_instruction():
     sample = {"question": "Which is closer?", "options": ["A. chair", "B. table"], "prompt_mode": "think"}
     assert data.question_text(sample) == "Which is closer?\nOptions:\nA. chair\nB. table\n" + data.PROMPTS["think"]
