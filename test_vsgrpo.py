@@ -2033,6 +2033,29 @@ def test_videos_failing_mid_run_stop_it_over_the_fraction_saving_first_and_loggi
     assert "over --max-bad-video-fraction 0.5" in err and last >= 1
 
 
+def test_missing_videos_stop_a_run_before_it_starts_only_over_the_fraction(synthetic, tmp_path):
+    videos = copy_dataset(synthetic, tmp_path)
+    for i in range(6):
+        os.remove(os.path.join(videos, "synthetic", f"train_{i:05d}.mp4"))
+    args = make_args(synthetic, "--video-root", videos)
+    assert len(vsgrpo.checked_samples(args)) == 6                     # 6 of 12: exactly the default 0.5, not over it
+    os.remove(os.path.join(videos, "synthetic", "train_00006.mp4"))
+    with pytest.raises(data.DataError, match="7 of 12 videos missing, over --max-bad-video-fraction 0.5"):
+        vsgrpo.checked_samples(args)
+
+
+def test_videos_failing_to_decode_stop_a_run_only_over_the_fraction_and_once_ten_are_tried(synthetic):
+    args, accelerator, signals = make_args(synthetic), vsgrpo.make_accelerator(), vsgrpo.StopSignals()
+    tried = lambda good, bad: {**{f"good{i}.mp4": True for i in range(good)}, **{f"bad{i}.mp4": False for i in range(bad)}}
+    try:
+        assert vsgrpo.agreed_stop(accelerator, signals, tried(5, 5), False, args) is None     # exactly 0.5: not over
+        reason, code = vsgrpo.agreed_stop(accelerator, signals, tried(4, 6), False, args)
+        assert code == 1 and reason.startswith("stopped: 6 of the 10 distinct videos tried failed to decode")
+        assert vsgrpo.agreed_stop(accelerator, signals, tried(0, 9), False, args) is None     # too few to judge
+    finally:
+        signals.restore()
+
+
 def test_check_data_runs_trainings_preprocessing_so_what_it_passes_trains(tmp_path, capsys):
     vsgrpo.write_video(str(tmp_path / "videos" / "wide.mp4"), np.zeros((4, 16, 4000, 3), np.uint8))
     rows = tmp_path / "rows.jsonl"
