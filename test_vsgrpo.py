@@ -1001,6 +1001,44 @@ def test_two_processes_under_accelerate_launch_end_with_identical_weights(synthe
 
 
 
+
+RECORDED = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import vsgrpo
+rollout = vsgrpo.rollout
+def recorded(*args, **kwargs):  # keeps what this process sampled
+    ro = rollout(*args, **kwargs)
+    torch.save(ro.completion_ids, os.path.join({out!r}, f"completions-rank{{os.environ['RANK']}}.pt"))
+    return ro
+vsgrpo.rollout = recorded
+vsgrpo.main(sys.argv[1:])
+"""
+
+
+def test_processes_given_the_same_question_sample_their_own_answers_and_a_bad_video_counts_once(synthetic, tmp_path):
+    # Four rows of one question, each with its own copy of one video. The row process 0 takes first cannot be decoded:
+    # it trains on another copy instead, so both processes see the same prompt and video.
+    (tmp_path / "videos" / "synthetic").mkdir(parents=True)
+    row = synthetic["rows"][0]
+    with open(tmp_path / "same.jsonl", "w") as f:
+        for i in range(4):
+            shutil.copy(os.path.join(synthetic["videos"], "synthetic", f"{row['scene_name']}.mp4"),
+                        tmp_path / "videos" / "synthetic" / f"copy{i}.mp4")
+            f.write(json.dumps(dict(row, id=f"copy{i}", scene_name=f"copy{i}")) + "\n")
+    first = data.batch_indices(0, 0, 2, 1, 4, 0)[0]
+    open(tmp_path / "videos" / "synthetic" / f"copy{first}.mp4", "r+b").truncate(1500)
+    script = tmp_path / "recorded.py"
+    script.write_text(RECORDED.format(here=HERE, out=str(tmp_path)))
+    done = run_processes([*LAUNCH_TWO, str(script), *training_flags(
+        synthetic, tmp_path / "run", "--max-steps", "1", "--batch-size", "1", "--save-every", "0", reward="accuracy"),
+        "--data", str(tmp_path / "same.jsonl"), "--video-root", str(tmp_path / "videos")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    sampled = [torch.load(tmp_path / f"completions-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(*sampled)                                 # with one seed for both, they were identical
+    [metrics] = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert metrics["bad_videos"] == 1                                           # summed over processes
+
 TOKEN_WEIGHTS = """
 import sys, torch
 sys.path.insert(0, {here!r})
