@@ -1151,6 +1151,17 @@ def test_benchmark_under_accelerate_launch_times_both_paths_on_the_same_steps(tm
     assert "| video encodings | 18 | 2 |" in done.stdout and "steps per second, default / straightforward" in done.stdout
 
 
+def test_each_benchmark_path_decodes_its_videos_as_a_run_of_its_own_would(tmp_path, monkeypatch):
+    # The default path ran second and took every video from the straightforward path's cache: its steps were
+    # timed without decoding.
+    decodes, read_frames = [], data.read_frames
+    monkeypatch.setattr(data, "read_frames", lambda path, num_frames: decodes.append(path) or read_frames(path, num_frames))
+    vsgrpo.main(["--benchmark", "tiny", "--output-dir", str(tmp_path), "--max-steps", "3", "-G", "2", "--num-frames",
+                 "2", "--max-pixels", str(56 * 56), "--max-completion-length", "2"])
+    videos = sorted(str(tmp_path / "videos" / "synthetic" / name) for name in os.listdir(tmp_path / "videos" / "synthetic"))
+    assert len(videos) == 3 and sorted(decodes) == sorted(videos * 2)
+
+
 def test_the_full_size_shapes_have_qwen2_vls_published_parameter_counts():
     tokenizer = vsgrpo.word_level_tokenizer(["a b"])
     for size, billions in (("2b", 2.21), ("7b", 8.29)):       # the model cards: 2.21B and 8.29B parameters

@@ -38,8 +38,8 @@ from transformers import (AutoTokenizer, GenerationConfig, PreTrainedTokenizerFa
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as transformers_logging
 
-from data import (NUMERIC_TYPES, PROMPTS, DataError, batch_indices, benchmark_prompt, check_videos, expand_paths,
-                  load_batch, load_samples, load_video, prompt_ids, question_text, read_rows)
+from data import (DECODED, NUMERIC_TYPES, PROMPTS, DataError, batch_indices, benchmark_prompt, check_videos,
+                  expand_paths, load_batch, load_samples, load_video, prompt_ids, question_text, read_rows)
 from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score, benchmark_score,
                      clean_prediction, extract_answer, no_video_baseline, score_completions, task_scores)
 
@@ -1375,6 +1375,7 @@ def run_benchmark(argv: list[str]) -> dict:
                           f"{out}/videos", "--save-every", "0", "--log-completions-every", "0"] + argv +
                          ["--max-steps", str(steps), "--output-dir", os.path.join(out, path)])
         run.straightforward = path == "straightforward"
+        DECODED.clear()  # each path decodes its videos, as a run of its own does: not the other path's cache
         train(run)
         measured = [json.loads(line) for line in open(os.path.join(run.output_dir, "metrics.jsonl"))][1:]
         mean = {k: float(np.mean([m.get(k, 0.0) for m in measured])) for k in measured[0]
