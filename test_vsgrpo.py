@@ -1930,6 +1930,22 @@ def test_a_second_signal_a_second_later_abandons_the_step_unsaved_and_names_the_
     assert not os.path.exists(tmp_path / "run.lock")                    # released on the way out
 
 
+def test_a_signal_repeated_within_a_second_is_one_ctrl_c_and_a_later_one_abandons_the_step(capsys):
+    signals = vsgrpo.StopSignals()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)     # one Ctrl-C: from the terminal, and forwarded by the launcher
+        except KeyboardInterrupt:
+            pytest.fail("a repeat within milliseconds abandoned the step")
+        assert signals.received == signal.SIGINT and capsys.readouterr().err.count("SIGINT: finishing this step") == 1
+        time.sleep(1.1)
+        with pytest.raises(KeyboardInterrupt, match="SIGINT again: the step was abandoned, unsaved"):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signals.restore()
+
+
 def test_sigterm_to_two_processes_under_accelerate_launch_saves_one_agreed_step(synthetic, tmp_path):
     run = start([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), *training_flags(
         synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000", "--log-completions-every", "0",
