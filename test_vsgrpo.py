@@ -2099,6 +2099,16 @@ def test_videos_failing_mid_run_stop_it_over_the_fraction_saving_first_and_loggi
     assert "over --max-bad-video-fraction 0.5" in err and last >= 1
 
 
+def test_a_run_stopped_before_its_first_step_finished_says_so_and_saves_nothing(synthetic, tmp_path, capsys):
+    videos = copy_dataset(synthetic, tmp_path)
+    for name in os.listdir(os.path.join(videos, "synthetic")):
+        (tmp_path / "videos" / "synthetic" / name).write_bytes(b"not a video")      # there, but undecodable
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main([*training_flags(synthetic, tmp_path / "run", "--max-steps", "2"), "--video-root", videos])
+    assert stop.value.code == 1 and "no step had finished, nothing to save" in capsys.readouterr().err
+    assert vsgrpo.checkpoints(str(tmp_path / "run")) == []
+
+
 def test_missing_videos_stop_a_run_before_it_starts_only_over_the_fraction(synthetic, tmp_path):
     videos = copy_dataset(synthetic, tmp_path)
     for i in range(6):
