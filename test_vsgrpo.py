@@ -5,6 +5,7 @@ Expected values are computed by hand or by an independent formula inside each te
 """
 import dataclasses
 import fcntl
+import io
 import json
 import math
 import os
@@ -1549,6 +1550,21 @@ def test_check_data_passes_a_clean_dataset(synthetic, capsys):
     with pytest.raises(SystemExit) as stop:
         vsgrpo.main(["--check-data", "--data", synthetic["data"], "--video-root", synthetic["videos"]])
     assert stop.value.code == 0 and "12 good rows, 12 videos" in capsys.readouterr().out
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_on_a_terminal_the_progress_line_is_rewritten_in_place_until_the_last_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    metrics = dict(loss=0.0, reward=0.5, kl=0.0, completion_length=3, zero_std_fraction=0.0)
+    for step in (1, 2, 3):
+        vsgrpo.log_step(vsgrpo.argparse.Namespace(output_dir=str(tmp_path)), step, 3, metrics, 2.0)
+    shown = sys.stdout.getvalue()
+    assert shown.count("\n") == 1 and shown.endswith("\033[K\n")             # one line, ended at the last step
+    assert [line.split(" ")[1] for line in shown.split("\r")[1:]] == ["1/3", "2/3", "3/3"]
 
 
 def test_check_data_shows_its_progress_over_the_videos(tmp_path, capsys):

@@ -685,11 +685,10 @@ def log_step(args, step: int, steps: int, metrics: dict, seconds_per_step: float
     """Append the step to metrics.jsonl and show its progress line."""
     with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
-    completions_next = args.log_completions_every and (step + 1) % args.log_completions_every == 0
     show_progress(f"[{'#' * int(20 * step / steps):.<20}] {step}/{steps} {seconds_per_step:.1f}s/step eta "
                   f"{seconds_per_step * (steps - step) / 60:.1f}min loss {metrics['loss']:+.4f} reward "
                   f"{metrics['reward']:.3f} kl {metrics['kl']:.2e} len {metrics['completion_length']:.0f} zero-std "
-                  f"{metrics['zero_std_fraction']:.2f}", last=step == steps or completions_next)
+                  f"{metrics['zero_std_fraction']:.2f}", last=step == steps)  # completions begin with a new line
 
 
 def print_completions(ro, args) -> None:
