@@ -857,8 +857,10 @@ def test_a_model_directory_without_a_checkpoint_is_one_line_naming_the_newest_ch
     # transformers 5 reads a directory without config.json as a default (72B-sized) config, so a run's output
     # directory passed as --model got past the check and failed later with a raw OSError traceback.
     vsgrpo.main(training_flags(synthetic, tmp_path / "run", "--max-steps", "1", "--save-every", "1"))
+    os.makedirs(tmp_path / "config_only")
+    shutil.copy(os.path.join(synthetic["model"], "config.json"), tmp_path / "config_only")
     for directory, hint in ((tmp_path / "run", f"; its newest checkpoint is {tmp_path / 'run' / 'checkpoint-000001'}"),
-                            (tmp_path / "empty", "")):
+                            (tmp_path / "empty", ""), (tmp_path / "config_only", "")):
         os.makedirs(directory, exist_ok=True)
         with pytest.raises(SystemExit) as stopped:
             vsgrpo.main(eval_flags(synthetic, synthetic["data"], tmp_path / "eval") + ["--model", str(directory)])
@@ -1271,6 +1273,18 @@ def test_evaluation_metrics_are_reproduced_from_its_predictions(synthetic, tmp_p
     assert json.load(open(tmp_path / "eval" / "metrics.json"))["scores"] == pytest.approx(metrics["scores"])
     table = capsys.readouterr().out
     assert "Avg |    Count |  AbsDist |  ObjSize | RoomSize |  RelDist |   RelDir |    Route |    Order" in table
+
+
+def test_evaluation_with_the_think_prompt_decodes_the_training_length_and_scores_only_the_answer_tag(synthetic,
+                                                                                                    tmp_path):
+    write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")
+    vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "eval") +
+                ["--eval-prompt", "think", "--max-completion-length", "24"])
+    predictions = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
+    tokenizer = vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"])   # 16 new tokens would cut off the thinking
+    assert max(len(tokenizer(p["raw_output"], add_special_tokens=False)["input_ids"]) for p in predictions) == 24
+    assert all(p["prompt"].endswith(data.PROMPTS["think"]) for p in predictions)
+    assert all(p["prediction"] == "" and p["score"] == 0 for p in predictions if "<answer>" not in p["raw_output"])
 
 
 def test_evaluation_with_no_video_where_the_rows_point_stops_before_loading_the_model(synthetic, tmp_path,
