@@ -1042,6 +1042,31 @@ def test_processes_given_the_same_question_sample_their_own_answers_and_a_bad_vi
     [metrics] = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert metrics["bad_videos"] == 1                                           # summed over processes
 
+
+COMBINED = """
+import json, sys
+sys.path.insert(0, {here!r})
+import vsgrpo
+accelerator = vsgrpo.make_accelerator()
+r = accelerator.process_index
+metrics = {{"reward": r / 2, "bad_videos": float(r), "video_encodings": 1.0 + r, "completion_length_max": 3.0 + r,
+           "peak_memory_gb": 2.0 - r, "learning_rate": 1e-5}}
+with open(f"{{sys.argv[1]}}{{r}}.json", "w") as f:
+    json.dump(vsgrpo.average_over_processes(accelerator, metrics), f)
+accelerator.end_training()
+"""
+
+
+def test_metrics_combine_over_processes_counts_adding_up_maxima_and_peaks_taking_the_max_the_rest_averaging(tmp_path):
+    script = tmp_path / "combined.py"
+    script.write_text(COMBINED.format(here=HERE))
+    done = run_processes([*LAUNCH_TWO, str(script), str(tmp_path / "rank")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Logged as given: in float32, 1e-5 was logged as 9.999999747378752e-06.
+    expected = {"reward": 0.25, "bad_videos": 1, "video_encodings": 3, "completion_length_max": 4, "peak_memory_gb": 2,
+                "learning_rate": 1e-5}
+    assert [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)] == [expected, expected]
+
 TOKEN_WEIGHTS = """
 import sys, torch
 sys.path.insert(0, {here!r})

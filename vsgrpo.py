@@ -639,7 +639,8 @@ REDUCE = {"bad_videos": torch.sum, "video_encodings": torch.sum, "completion_len
 
 
 def average_over_processes(accelerator, metrics: dict) -> dict:
-    values = accelerator.gather(torch.tensor(list(metrics.values()), device=accelerator.device)[None])  # [W, k]
+    values = accelerator.gather(torch.tensor([list(metrics.values())], dtype=torch.float64,  # float32 logs 1e-5 as
+                                             device=accelerator.device))                # 9.9999997e-06; values: [W, k]
     return {key: REDUCE.get(key, torch.mean)(column).item() for key, column in zip(metrics, values.T)}
 
 
