@@ -512,8 +512,7 @@ class Run:
             resume_from = on_main_process(accelerator, claim)
             set_seed(args.seed)  # the same LoRA initialisation on every process
             model, self.tokenizer = load_model(args, accelerator.device)
-            # pi_ref for full fine-tuning: a frozen copy, only when the KL term needs it (LoRA switches adapters off).
-            self.ref_model = deepcopy(model).eval().requires_grad_(False) if args.lora_rank == 0 and args.beta > 0 else None
+            self.ref_model = reference_model(model, args)
             self.encodings = count_video_encodings([model, self.ref_model])
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                           weight_decay=0.0)
@@ -613,6 +612,11 @@ class Run:
 
 
 MAX_NONFINITE_STEPS = 3  # in a row, then the run stops (our choice)
+
+
+def reference_model(model, args):
+    """pi_ref for full fine-tuning: a frozen copy, made only when the KL term needs it (LoRA switches adapters off)."""
+    return deepcopy(model).eval().requires_grad_(False) if args.lora_rank == 0 and args.beta > 0 else None
 
 
 def step_metrics(ro, args, stats: dict, num_bad: int, lr: float) -> dict:
