@@ -639,9 +639,9 @@ REDUCE = {"bad_videos": torch.sum, "video_encodings": torch.sum, "completion_len
 
 
 def average_over_processes(accelerator, metrics: dict) -> dict:
-    values = accelerator.gather(torch.tensor([list(metrics.values())], dtype=torch.float64,  # float32 logs 1e-5 as
-                                             device=accelerator.device))                # 9.9999997e-06; values: [W, k]
-    return {key: REDUCE.get(key, torch.mean)(column).item() for key, column in zip(metrics, values.T)}
+    # In float64: float32 would log a learning rate of 1e-5 as 9.999999747378752e-06.
+    values = accelerator.gather(torch.tensor([list(metrics.values())], dtype=torch.float64, device=accelerator.device))
+    return {key: REDUCE.get(key, torch.mean)(column).item() for key, column in zip(metrics, values.T)}  # values: [W, k]
 
 
 def count_video_encodings(models) -> dict:
