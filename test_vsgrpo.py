@@ -731,11 +731,13 @@ def test_rows_load_from_json_lists_and_jsonl_in_either_field_style(tmp_path):
                                                   "question_type": "object_counting", "dataset": "scannet",
                                                   "scene_name": "scene0001_00"}]))
     (tmp_path / "b.jsonl").write_text(json.dumps({"problem": "Left or right?", "solution": "<answer> left </answer>",
-                                                  "path": "clips/x.mp4"}) + "\n\n")
+                                                  "path": "clips/x.mp4"}) + "\n\n" +
+                                      json.dumps({"problem": "How far?", "solution": "2.5", "path": "clips/y.mp4"}))
     samples = data.load_samples([str(tmp_path / "*.json*")], "/videos", "think")
     assert [(s["question"], s["answer"], s["kind"], s["video"]) for s in samples] == [
         ("How many?", "3", "numeric", "/videos/scannet/scene0001_00.mp4"),
-        ("Left or right?", "left", "word", "/videos/clips/x.mp4")]
+        ("Left or right?", "left", "word", "/videos/clips/x.mp4"),
+        ("How far?", "2.5", "numeric", "/videos/clips/y.mp4")]               # untyped: numeric by its answer
     for name in ("a.json", "b.jsonl"):  # as Windows editors save UTF-8: with a byte-order mark first
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
     assert data.load_samples([str(tmp_path / "*.json*")], "/videos", "think") == samples
@@ -880,6 +882,14 @@ def test_accelerates_fp16_mixed_precision_stops_before_any_work_and_bf16_trains(
     done = subprocess.run([sys.executable, os.path.join(HERE, "vsgrpo.py"), *flags], capture_output=True, text=True,
                           env=dict(os.environ, ACCELERATE_MIXED_PRECISION="bf16"))
     assert done.returncode == 0 and json.loads(open(tmp_path / "bf16" / "metrics.jsonl").read())["step"] == 1
+
+def test_a_missing_video_is_named_at_the_first_row_that_uses_it(tmp_path):
+    (tmp_path / "rows.jsonl").write_text(json.dumps(dict(ROW, path="gone.mp4")) + "\n" +
+                                         json.dumps(dict(ROW, path="gone.mp4")) + "\n")
+    samples = data.load_samples([str(tmp_path / "rows.jsonl")], str(tmp_path), "vanilla")
+    assert data.check_videos(samples, None, decode=False) == {
+        str(tmp_path / "gone.mp4"): f"{tmp_path / 'rows.jsonl'} row 1: video not found: {tmp_path / 'gone.mp4'}"}
+
 
 def test_a_data_path_that_does_not_exist_is_a_flag_error(capsys):
     with pytest.raises(SystemExit):
