@@ -305,6 +305,14 @@ def test_completion_mask_keeps_the_first_eos_even_when_pad_is_eos():
     assert truncated.tolist() == [False, False, True]                # only the last never ends
 
 
+def test_completions_are_decoded_up_to_their_first_eos_without_it(synthetic):
+    tokenizer = vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"])
+    left, right, eos = (tokenizer.convert_tokens_to_ids(t) for t in ("left", "right", "<|im_end|>"))
+    ids = torch.tensor([[left, eos, right], [left, right, left]])
+    completions = vsgrpo.decode(tokenizer, ids, vsgrpo.completion_mask(ids, [eos])[0])
+    assert completions == ["left", "left right left"]                 # a reward reads "left", not "left <|im_end|>"
+
+
 def test_step_metrics_by_hand():
     eos = 9
     ids = torch.tensor([[1, 2, eos, 0], [1, 2, 3, 4], [eos, 0, 0, 0], [1, 2, 3, eos]])
