@@ -510,6 +510,19 @@ def test_lora_wraps_every_attention_and_mlp_projection_of_the_language_model_onl
     assert trainable == {f"{n}.lora_{ab}" for n in wrapped for ab in "AB"}
 
 
+def test_full_fine_tuning_trains_the_language_model_and_an_untied_output_head_never_the_tower(synthetic, tmp_path):
+    # Qwen2-VL-7B's output head is a matrix of its own (2B's is the input embedding): it must train too.
+    config = vsgrpo.Qwen2VLConfig.from_pretrained(synthetic["model"])
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
+    vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"]).save_pretrained(tmp_path)
+    model, _ = vsgrpo.load_model(make_args(synthetic, "--model", str(tmp_path), "--lora-rank", "0"), torch.device("cpu"))
+    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight
+    language_model = {n for n, _ in model.named_parameters() if n.startswith("model.language_model.")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == language_model | {"lm_head.weight"}
+
+
 def test_lora_over_bf16_weights_trains_float32_adapters_that_take_every_small_step():
     # On a GPU the frozen weights are bf16. An AdamW step of lr moves each entry by about lr (1e-5), far
     # below bf16's resolution at lora_A's scale (|a| ~ 0.1, a step of 2^-8 * 0.1 ~ 4e-4): most would round away.
