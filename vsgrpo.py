@@ -886,7 +886,8 @@ def restore_checkpoint(path: str, policy, optimizer, rank: int) -> int:
     """Trainable weights, optimizer and this process's random state; returns the step to go on from."""
     trainer = os.path.join(path, "trainer")
     policy.load_state_dict(load_file(os.path.join(trainer, "trainable.safetensors")), strict=False)
-    optimizer.load_state_dict(torch.load(os.path.join(trainer, "optimizer.pt"), weights_only=True))
+    # To the CPU: saved from cuda:0, where each process would load a copy. load_state_dict moves it where it belongs.
+    optimizer.load_state_dict(torch.load(os.path.join(trainer, "optimizer.pt"), map_location="cpu", weights_only=True))
     rng = torch.load(os.path.join(trainer, f"rng-rank{rank}.pt"), weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
