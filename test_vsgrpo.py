@@ -104,6 +104,7 @@ def test_format_reward_accepts_multiline_reasoning_and_spaces_between_tags():
     "<think>two chairs</think>",                                  # no answer
     "<think>a</think><answer>3</answer><answer>4</answer>",       # an extra answer
     "<think>a<think>b</think></think><answer>3</answer>",         # nested tags
+    "<think>a</think>b</think><answer>3</answer>",                # a stray closing tag
     "so <think>a</think><answer>3</answer>",                      # text before the tags
     "<answer>3</answer><think>a</think>",                         # wrong order
     "<observe>a</observe><answer>3</answer>",                     # the other mode's tag
@@ -132,6 +133,11 @@ def test_mean_relative_accuracy_around_each_threshold(k):
 def test_mean_relative_accuracy_of_a_zero_target_is_exact_match():
     assert rewards.mean_relative_accuracy(0.0, 0.0) == 1.0
     assert rewards.mean_relative_accuracy(0.1, 0.0) == 0.0
+
+
+def test_mean_relative_accuracy_of_a_negative_target_is_relative_to_its_size():
+    assert rewards.mean_relative_accuracy(-15.0, -10.0) == pytest.approx(0.1)  # error 5 / 10, as for +15 and +10
+    assert rewards.mean_relative_accuracy(10.0, -10.0) == 0.0                  # error 20 / 10
 
 
 def accuracy(completion, answer, kind="numeric", mode="vanilla"):
@@ -1234,6 +1240,8 @@ def test_benchmark_clean_up_takes_the_first_word_without_trailing_periods():
     assert rewards.clean_prediction("B. chair") == "B"
     assert rewards.clean_prediction("B.") == "B"
     assert rewards.clean_prediction("3.5 meters") == "3.5"
+    # Up to the first space, as the benchmark splits: not at a newline, and nothing before a leading space.
+    assert rewards.clean_prediction("3\nmeters") == "3\nmeters" and rewards.clean_prediction(" 3") == ""
     assert rewards.clean_prediction("<think>it is B</think><answer>C. sofa</answer>", "think") == "C"
 
 
@@ -1258,6 +1266,9 @@ def test_task_scores_average_rel_direction_types_then_tasks_unweighted():
     assert scores["Count"] == pytest.approx(0.5)
     assert scores["RelDir"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)     # not 3/4 pooled
     assert scores["Avg"] == pytest.approx((0.5 + 2 / 3) / 2)
+    # A task counts once any of its types has questions (--eval-limit can leave out the others).
+    assert rewards.task_scores([{"question_type": "object_rel_direction_hard", "score": 1.0}]) == \
+        {"RelDir": 1.0, "Avg": 1.0}
 
 
 def write_benchmark_rows(synthetic, path, answers: dict | None = None) -> list[dict]:
