@@ -223,9 +223,10 @@ def read_frames(path: str, num_frames: int) -> np.ndarray:
             decoded = {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(video=0) if f.pts in wanted}
     except (av.FFmpegError, IndexError, ValueError) as e:
         raise DataError(f"cannot decode video {path}: {e}") from None
-    if not wanted or set(wanted) - set(decoded):
-        raise DataError(f"cannot decode video {path}: {len(set(wanted) - set(decoded)) if wanted else 'no'} frame(s) "
-                        "readable of those chosen (truncated file?)")
+    lost = set(wanted) - set(decoded)
+    if not wanted or lost:
+        raise DataError(f"cannot decode video {path}: " + (f"{len(lost)} of the {len(set(wanted))} frames chosen did "
+                        "not decode" if wanted else "no frames") + " (truncated or damaged file?)")
     return np.stack([decoded[t] for t in wanted])
 
 

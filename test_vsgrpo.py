@@ -377,6 +377,22 @@ def test_missing_and_undecodable_videos_raise_an_error_naming_the_path(tmp_path)
         data.read_frames(broken, 4)
 
 
+def test_a_video_whose_chosen_frames_do_not_decode_is_a_data_error_saying_how_many(tmp_path):
+    # H.264 whose keyframe holds the next frame's data instead: the container lists all 20 frames, and the
+    # decoder, with no frame to predict from, drops every one of them without raising.
+    vsgrpo.write_video(str(tmp_path / "good.mp4"), np.random.default_rng(0).integers(0, 255, (20, 64, 64, 3), np.uint8))
+    with av.open(str(tmp_path / "good.mp4")) as good, av.open(str(tmp_path / "damaged.mp4"), "w") as damaged:
+        packets = [p for p in good.demux(video=0) if p.dts is not None]
+        stream = damaged.add_stream_from_template(good.streams.video[0])
+        for i, packet in enumerate(packets):
+            copy = av.Packet(bytes(packets[1] if i == 0 else packet))
+            copy.pts, copy.dts, copy.time_base, copy.is_keyframe, copy.stream = \
+                packet.pts, packet.dts, packet.time_base, packet.is_keyframe, stream
+            damaged.mux(copy)
+    with pytest.raises(data.DataError, match=r"damaged.mp4: 4 of the 4 frames chosen did not decode"):
+        data.read_frames(str(tmp_path / "damaged.mp4"), 4)
+
+
 def test_a_decoded_video_is_reused_until_its_file_changes(tmp_path):
     path = str(tmp_path / "gray.mp4")
     write_gray_video(path, [40] * 4)
