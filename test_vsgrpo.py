@@ -377,6 +377,18 @@ def test_missing_and_undecodable_videos_raise_an_error_naming_the_path(tmp_path)
         data.read_frames(broken, 4)
 
 
+def test_decoded_videos_are_kept_up_to_a_byte_budget_dropping_the_least_recently_used(tmp_path, monkeypatch):
+    paths = [str(tmp_path / f"{name}.mp4") for name in "abcd"]
+    for level, path in zip((40, 80, 120, 160), paths):
+        write_gray_video(path, [level] * 2)
+    size = 1 * 4 * 4 * 3 * 2 * 14 * 14 * 4  # one video's pixels: t*h*w patches of 3*2*14*14 float32 values
+    monkeypatch.setattr(data, "DECODED", type(data.DECODED)())
+    monkeypatch.setattr(data, "DECODED_BYTES", 2.5 * size)  # room for two
+    for path in paths[:3] + paths[1:2] + paths[3:]:  # a, b, c (a dropped), b again, d (c dropped: b was used later)
+        data.load_video(path, 2, 56 * 56)
+    assert [key[0] for key in data.DECODED] == [paths[1], paths[3]]
+
+
 def test_a_video_whose_chosen_frames_do_not_decode_is_a_data_error_saying_how_many(tmp_path):
     # H.264 whose keyframe holds the next frame's data instead: the container lists all 20 frames, and the
     # decoder, with no frame to predict from, drops every one of them without raising.
@@ -433,6 +445,10 @@ def test_frames_are_resized_bicubically_as_the_reference_processor_does():
     patches, _ = data.video_patches(frames, 56 * 56)                  # 112x112 -> 56x56
     values = (patches.view(len(patches), 3, -1) * data.CLIP_STD.view(1, 3, 1) + data.CLIP_MEAN.view(1, 3, 1)) * 255
     assert values.min() < 49 and values.max() > 201
+    frames[:, :, :56], frames[:, :, 56:] = 0, 255  # the reference resizes 8-bit images: overshoot stops at 0 and 255
+    patches, _ = data.video_patches(frames, 56 * 56)
+    values = (patches.view(len(patches), 3, -1) * data.CLIP_STD.view(1, 3, 1) + data.CLIP_MEAN.view(1, 3, 1)) * 255
+    assert values.min() > -1e-3 and values.max() < 255 + 1e-3
 
 
 def test_the_training_prompt_is_the_question_its_options_one_per_line_and_the_instruction():
@@ -781,8 +797,8 @@ def test_rows_load_from_json_lists_and_jsonl_in_either_field_style(tmp_path):
         ("How many?", "3", "numeric", "/videos/scannet/scene0001_00.mp4"),
         ("Left or right?", "left", "word", "/videos/clips/x.mp4"),
         ("How far?", "2.5", "numeric", "/videos/clips/y.mp4")]               # untyped: numeric by its answer
-    for name in ("a.json", "b.jsonl"):  # as Windows editors save UTF-8: with a byte-order mark first
-        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
+    for name in ("a.json", "b.jsonl"):  # as Windows editors save UTF-8: with a byte-order mark first (and a blank line)
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf\n" + (tmp_path / name).read_bytes())
     assert data.load_samples([str(tmp_path / "*.json*")], "/videos", "think") == samples
 
 
