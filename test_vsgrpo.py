@@ -621,12 +621,20 @@ def test_sampling_and_training_log_probs_agree_on_a_left_padded_batch(synthetic)
     assert ((trained - sampled).abs() * mask).max() < 1e-5
 
 
-def test_sampling_from_one_prefilled_prompt_gives_each_step_the_distribution_of_sampling_from_the_whole(synthetic):
-    # G copies continue one prefilled prompt, each with the rotary offset of its question (one prompt is
-    # left-padded). Every step's next-token log-probs must be the plain generate()'s: equal samples alone would
-    # pass a small error, such as an offset left from an earlier call.
+def test_sampling_from_one_prefilled_prompt_gives_each_step_the_distribution_of_sampling_from_the_whole(
+        synthetic, tmp_path):
+    # G copies continue one prefilled prompt, each with the rotary offset of its question: the questions' videos
+    # differ in shape, so their offsets differ too (and one prompt is left-padded). Every step's next-token
+    # log-probs must be the plain generate()'s: equal samples alone would pass a small error, such as an offset
+    # left from an earlier call.
     args, model, tokenizer = load_tiny(synthetic)
-    batch = batch_of(synthetic, [0, 1], args, tokenizer, model)
+    vsgrpo.write_video(str(tmp_path / "wide.mp4"), np.random.default_rng(0).integers(0, 255, (4, 56, 112, 3), np.uint8))
+    samples = data.load_samples([synthetic["data"]], synthetic["videos"], args.prompt_mode)[:2]
+    samples[1] = dict(samples[1], video=str(tmp_path / "wide.mp4"))
+    videos = [data.load_video(s["video"], args.num_frames, args.max_pixels) for s in samples]
+    batch = vsgrpo.collate(samples, [data.question_text(s) for s in samples], videos, tokenizer,
+                           model.config.video_token_id, "cpu")
+    assert batch.video_grid_thw[0].tolist() != batch.video_grid_thw[1].tolist()
     config = vsgrpo.generation_config(model, tokenizer, 6, 3, 1.0)
     steps = []
     model.lm_head.register_forward_hook(lambda module, inputs, out: steps.append(out[:, -1].log_softmax(-1)))
@@ -654,6 +662,30 @@ def test_reference_log_probs_see_the_video(synthetic):
         blind = vsgrpo.completion_logps(model, blank, ids, torch.ones_like(ids), rows, args)
     assert (seen - blind).abs().max() > 1e-4
 
+
+
+def test_video_and_image_placeholders_are_never_sampled_and_have_no_log_prob(synthetic):
+    # A sampled placeholder would break the next forward: sampling suppresses both, and the log-probs mask
+    # both, so that sampling and training see one distribution.
+    args, model, tokenizer = load_tiny(synthetic)
+    placeholders, vocab = [model.config.video_token_id, model.config.image_token_id], model.config.text_config.vocab_size
+    assert sorted(vsgrpo.generation_config(model, tokenizer, 6, 3, 1.0).suppress_tokens) == sorted(placeholders)
+    logits = torch.zeros(1, 3, vocab).index_fill(-1, torch.tensor(placeholders), 100.0)  # all but sure of them
+    logps = vsgrpo.token_logps(logits, torch.tensor([placeholders + [5]]), model, args)
+    assert logps[0, :2].tolist() == [-math.inf] * 2 and logps[0, 2].item() == pytest.approx(-math.log(vocab - 2))
+
+
+@rewards.reward("is_numeric_question")
+def is_numeric_question(completions: list[str], samples: list[dict]) -> list[float]:
+    return [float(s["kind"] == "numeric") for s in samples]
+
+
+def test_each_completion_is_scored_against_its_own_question(synthetic):
+    args, model, tokenizer = load_tiny(synthetic)
+    args.rewards, args.reward_weights, args.num_generations = ["is_numeric_question"], [1.0], 3
+    batch = batch_of(synthetic, [0, 1], args, tokenizer, model)         # a counting question, then a left/right one
+    ro = vsgrpo.rollout(model, None, batch, args, tokenizer)
+    assert ro.rewards["total"].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]  # completions 0-2 answer question 0
 
 
 @rewards.reward("length")
@@ -741,6 +773,9 @@ def test_mu_passes_log_the_mean_of_their_loss_and_kl(synthetic):
     _, two, _ = one_step(synthetic, "--num-iterations", "2", lr=0.0)
     assert one["kl"] > 0 and two["kl"] == pytest.approx(one["kl"], rel=1e-5)
     assert one["loss"] != 0 and two["loss"] == pytest.approx(one["loss"], abs=1e-6)
+    # The first pass never clips (pi_old is pi_theta), so over 2 passes the mean clip fraction is at most 1/2.
+    _, moving, _ = one_step(synthetic, "--num-iterations", "2", "--clip-eps", "0.01")
+    assert 0 < moving["clip_fraction"] <= 0.5
 
 
 def test_the_gradient_is_clipped_to_max_grad_norm_and_its_norm_before_clipping_is_logged(synthetic):
@@ -1196,12 +1231,12 @@ def test_token_aggregation_weighs_every_token_of_the_step_the_same_across_proces
 
 def test_questions_about_the_same_video_share_one_encoding(synthetic):
     args, model, tokenizer = load_tiny(synthetic)
-    batch = batch_of(synthetic, [0, 1, 0], args, tokenizer, model)     # questions 0 and 2: one video
+    batch = batch_of(synthetic, [0, 0, 1, 0], args, tokenizer, model)  # questions 0, 1 and 3: one video
     encoded = vsgrpo.count_video_encodings([model])
     features = vsgrpo.encode_videos(model, batch)
-    assert encoded["videos"] == 2 and features[0] is features[2]
+    assert encoded["videos"] == 2 and features[0] is features[1] is features[3]
     with torch.no_grad():
-        for i in (0, 1):                                                # each equals encoding it alone
+        for i in (0, 2):                                                # each equals encoding it alone
             alone = model.model.get_video_features(batch.pixel_values[i], batch.video_grid_thw[i:i + 1])
             assert torch.allclose(features[i], alone.pooler_output[0], atol=1e-6)
 
