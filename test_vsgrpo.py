@@ -1074,6 +1074,19 @@ def test_training_end_to_end_in_one_process(synthetic, tmp_path, capsys):
     assert not torch.equal(merged.state_dict()[q_proj], base[q_proj])
 
 
+def test_gradient_checkpointing_changes_no_step_of_a_run(synthetic, tmp_path):
+    # optimise() leaves the policy in training mode, in which checkpointed layers keep no cache: each rollout
+    # must sample in eval mode, or step 2 has no prefilled prompt to continue.
+    runs = []
+    for name, flags in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        vsgrpo.main(training_flags(synthetic, tmp_path / name, "--max-steps", "2", "--save-every", "0", *flags))
+        runs.append([json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")])
+    for plain, checkpointed in zip(*runs):
+        for key in ("loss", "reward", "kl", "grad_norm", "completion_length"):
+            assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-8), key
+    assert len(runs[1]) == 2
+
+
 def test_training_raises_the_reward_it_is_given(synthetic, tmp_path):
     flags = training_flags(synthetic, tmp_path, "--max-steps", "16", "-G", "8", "--lora-rank", "0",
                            "--log-completions-every", "0", "--save-every", "100")
