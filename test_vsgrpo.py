@@ -1087,6 +1087,11 @@ def test_gradient_checkpointing_changes_no_step_of_a_run(synthetic, tmp_path):
     assert len(runs[1]) == 2
 
 
+def test_data_smaller_than_one_batch_still_trains_one_step(synthetic, tmp_path):
+    vsgrpo.main(training_flags(synthetic, tmp_path, "--batch-size", "16", "-G", "2", "--save-every", "0"))  # 12 rows
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1]
+
+
 def test_training_raises_the_reward_it_is_given(synthetic, tmp_path):
     flags = training_flags(synthetic, tmp_path, "--max-steps", "16", "-G", "8", "--lora-rank", "0",
                            "--log-completions-every", "0", "--save-every", "100")
@@ -1722,10 +1727,11 @@ def test_on_a_terminal_the_progress_line_is_rewritten_in_place_until_the_last_st
     monkeypatch.setattr(sys, "stdout", Terminal())
     metrics = dict(loss=0.0, reward=0.5, kl=0.0, completion_length=3, zero_std_fraction=0.0)
     for step in (1, 2, 3):
-        vsgrpo.log_step(vsgrpo.argparse.Namespace(output_dir=str(tmp_path)), step, 3, metrics, 2.0)
+        vsgrpo.log_step(vsgrpo.argparse.Namespace(output_dir=str(tmp_path)), step, 3, metrics, 60.0)
     shown = sys.stdout.getvalue()
     assert shown.count("\n") == 1 and shown.endswith("\033[K\n")             # one line, ended at the last step
     assert [line.split(" ")[1] for line in shown.split("\r")[1:]] == ["1/3", "2/3", "3/3"]
+    assert re.findall(r"eta (\S+)min", shown) == ["2.0", "1.0", "0.0"]        # a minute a step, for the steps left
 
 
 def test_check_data_shows_its_progress_over_the_videos(tmp_path, capsys):
