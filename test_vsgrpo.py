@@ -1589,6 +1589,21 @@ def test_the_demo_under_accelerate_launch_writes_its_files_once_and_prints_one_t
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
+def test_each_synthetic_answer_follows_from_the_pixels_drawn():
+    rng, colours = np.random.default_rng(0), {name: np.array(rgb) for name, (_, rgb) in vsgrpo.COLOURS.items()}
+    for question_type in vsgrpo.SYNTHETIC_TYPES * 30:
+        frames, question, answer = vsgrpo.synthetic_scene(question_type, 2, rng)
+        named = [name for name in colours if f" {name}" in question]
+        found = {name: np.argwhere((frames[0] == colours[name]).all(-1)) for name in colours}  # [pixels, (y, x)]
+        if question_type == "object_counting":  # 18x18 squares, at least 10 px apart: count them by area
+            assert len(found[named[0]]) == 18 * 18 * int(answer)
+        elif question_type == "object_rel_direction":  # in columns 28 px apart, less 4 px of jitter
+            a, b = (found[name][:, 1].mean() for name in sorted(named, key=question.index))
+            assert abs(a - b) >= 24 and answer == ("left" if a < b else "right")
+        else:
+            assert answer == vsgrpo.COLOURS[max(found, key=lambda name: len(found[name]))][0]
+
+
 def test_the_same_seed_writes_byte_identical_videos(tmp_path):
     # The demo's outcome, and the README's table, must not hang on the encoder: under its default rate control
     # x264 wrote about one video in ten differently from one run to the next, pixels up to 7 levels apart.
@@ -2045,6 +2060,14 @@ def test_a_second_run_into_a_directory_in_use_stops_naming_the_holder_and_a_stal
     assert code == 0, err[-3000:]
     assert f"run.lock was left by process {first.pid}, which is gone: taking it over" in err
     assert not os.path.exists(tmp_path / "run.lock")                       # released at the end
+
+
+def test_a_stale_lock_taken_over_names_only_its_new_holder(tmp_path, capsys):
+    (tmp_path / "run.lock").write_text("12345 elsewhere\n")                # left by a killed run
+    lock = vsgrpo.take_lock(str(tmp_path))
+    assert "left by process 12345, which is gone" in capsys.readouterr().err
+    assert (tmp_path / "run.lock").read_text() == f"{os.getpid()} {os.uname().nodename}\n"
+    vsgrpo.release_lock(lock)
 
 
 def test_ctrl_c_before_a_step_names_the_checkpoint_to_resume_and_only_where_there_is_one(
