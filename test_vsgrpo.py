@@ -1312,6 +1312,14 @@ def test_each_benchmark_path_decodes_its_videos_as_a_run_of_its_own_would(tmp_pa
     assert len(videos) == 3 and sorted(decodes) == sorted(videos * 2)
 
 
+def test_the_benchmark_projects_an_epoch_of_vsi_100k_over_every_process(capsys):
+    args = vsgrpo.parse_args(["--benchmark", "tiny", "--batch-size", "2"])
+    vsgrpo.print_benchmark({"straightforward": {"step_seconds": 36.0}, "default": {"step_seconds": 3.6}}, args, 4, 4)
+    out = capsys.readouterr().out
+    # 117,000 questions / (2 a step x 4 processes) = 14,625 steps of 3.6 s: 14.625 hours
+    assert "default / straightforward: 10.00x" in out and ": 14.6 hours on 4 device(s)" in out
+
+
 def test_the_full_size_shapes_have_qwen2_vls_published_parameter_counts():
     tokenizer = vsgrpo.word_level_tokenizer(["a b"])
     for size, billions in (("2b", 2.21), ("7b", 8.29)):       # the model cards: 2.21B and 8.29B parameters
