@@ -334,6 +334,7 @@ def test_step_metrics_by_hand():
     assert m["truncated_fraction"] == 0.25                     # only row 2 never ends
     assert (m["completion_length"], m["completion_length_max"]) == ((3 + 4 + 1 + 4) / 4, 4)
     assert m["zero_std_fraction"] == 0.5 and m["reward"] == 0.5
+    assert m["reward_std"] == pytest.approx(math.sqrt(0.5) / 2)  # within each group: [1, 0] and [0.5, 0.5], averaged
     assert m["generated_tokens_per_s"] == pytest.approx(12 / 2.0) and m["seconds_generation"] == 2.0
     # each pass reads 2 x 3 + 2 x 5 prompt tokens and 12 completion tokens; mu = 2 passes in 4 s
     assert m["train_tokens_per_s"] == pytest.approx(2 * (2 * 3 + 2 * 5 + 12) / 4.0)
@@ -1306,10 +1307,13 @@ def test_each_benchmark_path_decodes_its_videos_as_a_run_of_its_own_would(tmp_pa
     # timed without decoding.
     decodes, read_frames = [], data.read_frames
     monkeypatch.setattr(data, "read_frames", lambda path, num_frames: decodes.append(path) or read_frames(path, num_frames))
-    vsgrpo.main(["--benchmark", "tiny", "--output-dir", str(tmp_path), "--max-steps", "3", "-G", "2", "--num-frames",
-                 "2", "--max-pixels", str(56 * 56), "--max-completion-length", "2"])
+    results = vsgrpo.main(["--benchmark", "tiny", "--output-dir", str(tmp_path), "--max-steps", "3", "-G", "2",
+                           "--num-frames", "2", "--max-pixels", str(56 * 56), "--max-completion-length", "2"])
     videos = sorted(str(tmp_path / "videos" / "synthetic" / name) for name in os.listdir(tmp_path / "videos" / "synthetic"))
     assert len(videos) == 3 and sorted(decodes) == sorted(videos * 2)
+    for path in ("straightforward", "default"):  # each figure is the mean of steps 2 and 3: step 1 warms up
+        logged = [json.loads(line) for line in open(tmp_path / path / "metrics.jsonl")][1:]
+        assert results[path]["seconds_generation"] == pytest.approx(np.mean([m["seconds_generation"] for m in logged]))
 
 
 def test_the_benchmark_projects_an_epoch_of_vsi_100k_over_every_process(capsys):
