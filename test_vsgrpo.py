@@ -340,6 +340,15 @@ def test_step_metrics_by_hand():
     assert m["train_tokens_per_s"] == pytest.approx(2 * (2 * 3 + 2 * 5 + 12) / 4.0)
 
 
+def test_the_cpu_peak_memory_restarts_from_the_current_resident_set():
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("Linux only")
+    buffer = np.ones(2**25)                                   # 256 MB, resident while it lives
+    high = vsgrpo.peak_memory_gb(torch.device("cpu"))
+    del buffer
+    assert high - vsgrpo.peak_memory_gb(torch.device("cpu"), reset=True) > 0.2  # each benchmark path has its own peak
+
+
 # ----------------------------------------------------------------------------- video
 def test_frames_are_sampled_uniformly_from_first_to_last(tmp_path):
     path = str(tmp_path / "ten.mp4")
@@ -1923,9 +1932,11 @@ def test_a_second_run_into_a_used_output_dir_stops_before_loading_and_overwrite_
     assert checkpoint_files(tmp_path) == before                      # nothing touched
     monkeypatch.undo()
     capsys.readouterr()
+    (tmp_path / "metrics.jsonl.bak").write_text("the user's own copy\n")  # named like a run's file, but not one
     vsgrpo.main(flags + ["--seed", "1", "--max-steps", "1", "--overwrite"])
     assert ("--overwrite: deleting args.json, checkpoint-000001, checkpoint-000002, metrics.jsonl from "
             f"{tmp_path}") in capsys.readouterr().err
+    assert (tmp_path / "metrics.jsonl.bak").read_text() == "the user's own copy\n"
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 1 and not os.path.exists(tmp_path / "checkpoint-000002")
     assert json.load(open(tmp_path / "args.json"))["seed"] == 1
 
