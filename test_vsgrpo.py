@@ -311,6 +311,15 @@ def test_completion_mask_keeps_the_first_eos_even_when_pad_is_eos():
     assert truncated.tolist() == [False, False, True]                # only the last never ends
 
 
+def test_the_tokenizers_eos_ends_a_completion_also_where_the_generation_config_names_others_or_none(synthetic):
+    args, model, tokenizer = load_tiny(synthetic)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = None
+    assert vsgrpo.eos_token_ids(model, tokenizer) == [eos]
+    model.generation_config.eos_token_id = [3, 1]                   # as Qwen2-VL-Instruct's lists two
+    assert vsgrpo.eos_token_ids(model, tokenizer) == sorted({1, 3, eos})
+
+
 def test_completions_are_decoded_up_to_their_first_eos_without_it(synthetic):
     tokenizer = vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"])
     left, right, eos = (tokenizer.convert_tokens_to_ids(t) for t in ("left", "right", "<|im_end|>"))
@@ -889,6 +898,10 @@ def test_a_truncated_jsonl_line_is_reported_at_its_line_in_the_file(tmp_path):
     (tmp_path / "rows.jsonl").write_text(text)                      # line 2 is blank, line 4 is cut short
     with pytest.raises(data.DataError, match=r"rows\.jsonl line 4: not valid JSON \(.* column 22"):
         data.read_rows(str(tmp_path / "rows.jsonl"))
+    (tmp_path / "rows.json").write_text("[\n" + json.dumps(ROW) + ",\n" + json.dumps(ROW).replace('"3"', "three") +
+                                        "\n]\n")                  # a JSON list whose line 3 has an unquoted answer
+    with pytest.raises(data.DataError, match=r"rows\.json line 3: not valid JSON"):
+        data.read_rows(str(tmp_path / "rows.json"))
 
 
 def test_a_file_that_is_not_text_is_named_not_a_unicode_traceback(tmp_path):
@@ -1784,6 +1797,17 @@ def test_training_refuses_bad_rows_before_loading_any_model(synthetic, tmp_path)
         vsgrpo.main(["--model", "/no/such/model", "--data", rows, "--video-root", str(tmp_path / "videos")])
 
 
+def test_a_file_of_only_bad_rows_lists_each_of_them_not_no_rows(synthetic, tmp_path, capsys):
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({k: v for k, v in ROW.items() if k != "question"}) + "\n"
+                                                 for _ in range(2)))
+    flags = ["--data", str(tmp_path / "rows.jsonl"), "--video-root", synthetic["videos"]]
+    with pytest.raises(SystemExit, match="(?s)2 bad row.*row 1: missing field 'question'.*row 2: missing field"):
+        vsgrpo.main(["--model", "/no/such/model", *flags])
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main(["--check-data", *flags])
+    assert stop.value.code == 1 and "rows.jsonl row 2: missing field 'question'" in capsys.readouterr().out
+
+
 def test_a_video_root_that_holds_none_of_the_videos_is_named_as_the_flag_at_fault(synthetic, tmp_path):
     # It said "12 of 12 videos missing, over --max-bad-video-fraction 0.5", pointing at the wrong flag.
     flags = training_flags(synthetic, tmp_path, "--video-root", str(tmp_path / "scannet"))
@@ -1864,9 +1888,9 @@ def test_a_stop_signal_during_an_evaluation_cuts_it_short_and_saves(synthetic, t
 
 def test_a_non_finite_step_is_skipped_and_counted(synthetic, tmp_path):
     nan_on_step_2.__defaults__[0].clear()
-    policy = vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "4", "--rewards", "nan_on_step_2"))
+    policy = vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "10", "--rewards", "nan_on_step_2"))
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [m["nonfinite"] for m in metrics] == [0, 1, 0, 0]
+    assert [m["nonfinite"] for m in metrics] == [0, 1, 0, 0, 0, 1, 0, 0, 0, 1]       # 3, but never in a row: no stop
     assert any(v.abs().sum() > 0 for k, v in policy.state_dict().items() if k.endswith("lora_B"))
 
 
