@@ -2353,13 +2353,19 @@ def test_videos_failing_mid_run_stop_it_over_the_fraction_saving_first_and_loggi
     assert "over --max-bad-video-fraction 0.5" in err and last >= 1
 
 
-def test_a_run_stopped_before_its_first_step_finished_says_so_and_saves_nothing(synthetic, tmp_path, capsys):
+@pytest.mark.parametrize("fraction, why", [("0.5", "over --max-bad-video-fraction 0.5"),
+                                           ("1", "so many that a batch could not be filled")])
+def test_a_run_stopped_before_its_first_step_finished_says_so_and_saves_nothing(synthetic, tmp_path, capsys, fraction,
+                                                                                 why):
     videos = copy_dataset(synthetic, tmp_path)
     for name in os.listdir(os.path.join(videos, "synthetic")):
         (tmp_path / "videos" / "synthetic" / name).write_bytes(b"not a video")      # there, but undecodable
-    with pytest.raises(SystemExit) as stop:
-        vsgrpo.main([*training_flags(synthetic, tmp_path / "run", "--max-steps", "2"), "--video-root", videos])
-    assert stop.value.code == 1 and "no step had finished, nothing to save" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:                   # 1: never stop over a fraction, yet no batch can be filled
+        vsgrpo.main([*training_flags(synthetic, tmp_path / "run", "--max-steps", "2", "--max-bad-video-fraction",
+                                     fraction), "--video-root", videos])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "no step had finished, nothing to save" in err and "--resume" not in err
+    assert re.search(f"stopped: (\\d+) of the \\1 distinct videos tried failed to decode, {why}", err), err
     assert vsgrpo.checkpoints(str(tmp_path / "run")) == []
 
 

@@ -471,8 +471,6 @@ def make_accelerator(report_to: str = "none", output_dir: str | None = None) -> 
                               project_dir=output_dir)  # where tensorboard writes
     if not accelerator.is_main_process:  # one bar while the model loads, not one per process
         transformers_logging.disable_progress_bar()
-    if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
-        raise RuntimeError(f"launched {os.environ['WORLD_SIZE']} processes; accelerate sees {accelerator.num_processes}")
     if accelerator.mixed_precision == "fp16":  # its loss scaler backs off only in steps the non-finite guard skips
         raise DataError("accelerate launch --mixed_precision fp16 is not supported: Qwen2-VL, trained in bf16, "
                         "overflows fp16 (transformers#33294). Use bf16 or no (a GPU loads the weights in bf16 anyway)")
@@ -603,12 +601,12 @@ class Run:
 
     def stop(self, reason: str, code: int, save_step: int, failed_step: int | None = None):
         """Any stop the run handles itself: save `save_step`, log the step that failed, exit with `code`."""
-        saved = f"saved {self.save(save_step)}" if save_step > 0 else "no step had finished, nothing to save"
+        saved = f"saved {self.save(save_step)}. To continue, run the same command with --resume" if save_step > 0 \
+            else "no step had finished, nothing to save"
         if failed_step and self.accelerator.is_main_process:
             with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": failed_step, "stopped": reason}) + "\n")
-        raise RunStopped(f"{reason} before step {failed_step or save_step + 1}; {saved}. "
-                         "To continue, run the same command with --resume", code)
+        raise RunStopped(f"{reason} before step {failed_step or save_step + 1}; {saved}", code)
 
 
 MAX_NONFINITE_STEPS = 3  # in a row, then the run stops (our choice)
@@ -985,9 +983,12 @@ def agreed_stop(accelerator, signals: StopSignals, decoded: dict, batch_short: b
     received, tried, bad, short = accelerator.gather(mine).cpu().T                         # each [W]
     if received.max() > 0:
         return f"stopped by {signal.Signals(int(received.max())).name}", 128 + int(received.max())
-    if short.any() or (tried.sum() >= MIN_VIDEOS_TRIED and bad.sum() > args.max_bad_video_fraction * tried.sum()):
-        return (f"stopped: {int(bad.sum())} of the {int(tried.sum())} distinct videos tried failed to decode, over "
-                f"--max-bad-video-fraction {args.max_bad_video_fraction} (the warnings above name them)"), 1
+    over = tried.sum() >= MIN_VIDEOS_TRIED and bad.sum() > args.max_bad_video_fraction * tried.sum()
+    if over or short.any():
+        why = f"over --max-bad-video-fraction {args.max_bad_video_fraction}" if over else \
+            "so many that a batch could not be filled"
+        return (f"stopped: {int(bad.sum())} of the {int(tried.sum())} distinct videos tried failed to decode, {why} "
+                "(the warnings above name them)"), 1
     return None
 
 
