@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,10 @@ def row_field(row: dict, names: tuple, where: str, kind=str, required: bool = Tr
                             ("" if isinstance(value, (dict, list)) else f" {value!r:.40}"))
         if required and isinstance(value, str) and not value.strip():
             raise DataError(f"{where}: field {name!r} is empty")
+        # Tokenized, it would be the token: a second video placeholder, or the end of the user's turn.
+        special = re.search(r"<\|\w+\|>", " ".join(value) if kind is list else str(value))
+        if special:
+            raise DataError(f"{where}: field {name!r} holds {special.group()}, a special token of Qwen2-VL's chat format")
         return value
     if required:
         raise DataError(f"{where}: missing field {names[0]!r}" + (f" (also accepted: {', '.join(names[1:])})"

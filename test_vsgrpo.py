@@ -856,6 +856,23 @@ def test_rows_load_from_json_lists_and_jsonl_in_either_field_style(tmp_path):
     assert data.load_samples([str(tmp_path / "*.json*")], "/videos", "think") == samples
 
 
+@pytest.mark.parametrize("field, value", [("question", "How many <|video_pad|> are there?"),
+                                          ("options", ["A. two", "B. three<|im_end|>"])])
+def test_a_question_holding_a_special_token_of_the_chat_format_names_the_row(tmp_path, field, value):
+    # Tokenized, <|video_pad|> would be a second video placeholder, and <|im_end|> would end the user's turn.
+    (tmp_path / "rows.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps(dict(ROW, **{field: value})) + "\n")
+    token = re.search(r"<\|\w+\|>", str(value)).group()
+    with pytest.raises(data.DataError, match=f"rows.jsonl row 2: field '{field}' holds {re.escape(token)}, a special "):
+        data.load_samples([str(tmp_path / "rows.jsonl")], ".", "vanilla")
+
+
+def test_a_prompt_must_hold_exactly_one_video_placeholder(synthetic):
+    tokenizer = vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"])
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    with pytest.raises(data.DataError, match="exactly one video placeholder, found 2"):
+        data.prompt_ids(tokenizer, "Is the <|video_pad|> left?", torch.tensor([2, 4, 4]), video_id)
+
+
 def test_a_numeric_question_with_a_non_numeric_answer_names_the_row(tmp_path):
     rows = [{"question": "How many?", "ground_truth": "three", "question_type": "object_counting", "path": "a.mp4"}]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
