@@ -164,6 +164,7 @@ def test_numeric_accuracy_reads_the_first_word_as_the_benchmark_does():
 def test_accuracy_of_words_ignores_case_surrounding_space_and_punctuation():
     assert accuracy(" Left. ", "left", kind="word") == 1.0
     assert accuracy("tv-stand", "TV stand", kind="word") == 1.0
+    assert accuracy("top  left", "top left", kind="word") == 1.0
     assert accuracy("right", "left", kind="word") == 0.0
 
 
@@ -182,6 +183,9 @@ def test_total_reward_is_the_weighted_sum_and_a_miscounting_reward_is_named():
     completions = ["<think>a</think><answer>left</answer>", "<answer>right</answer>"]
     scores = rewards.score_completions(completions, samples, ["accuracy", "format"], [1.0, 0.5])
     assert scores == {"accuracy": [1.0, 0.0], "format": [1.0, 0.0], "total": [1.5, 0.0]}
+    rewards.reward("bools")(lambda completions, samples: [c.endswith("</answer>") for c in completions[:1]] + [0])
+    scores = rewards.score_completions(completions, samples, ["bools"], [1.0])["bools"]
+    assert scores == [1.0, 0.0] and all(type(x) is float for x in scores)        # torch makes floats of them, not bools
     rewards.reward("short_by_one")(lambda completions, samples: [0.0] * (len(completions) - 1))
     with pytest.raises(ValueError, match="reward 'short_by_one' returned 1 values for 2 completions"):
         rewards.score_completions(completions, samples, ["short_by_one"], [1.0])
@@ -602,6 +606,14 @@ def test_lora_over_bf16_weights_trains_float32_adapters_that_take_every_small_st
     assert merged.dtype == torch.bfloat16 and torch.equal(merged, expected)
 
 
+def test_full_fine_tuning_copies_the_model_for_pi_ref_only_when_the_kl_term_needs_it(synthetic):
+    args, model, _ = load_tiny(synthetic, lora_rank=0)
+    assert vsgrpo.reference_model(model, vsgrpo.argparse.Namespace(lora_rank=0, beta=0.0)) is None  # no 2nd model
+    frozen = vsgrpo.reference_model(model, vsgrpo.argparse.Namespace(lora_rank=0, beta=1e-4))
+    assert frozen is not model and not any(p.requires_grad for p in frozen.parameters())
+    assert vsgrpo.reference_model(model, vsgrpo.argparse.Namespace(lora_rank=4, beta=1e-4)) is None  # adapters off
+
+
 def test_merged_checkpoint_gives_the_adapter_models_logits(synthetic, tmp_path):
     args, lora, tokenizer = load_tiny(synthetic)
     torch.manual_seed(1)
@@ -873,10 +885,11 @@ def test_a_prompt_must_hold_exactly_one_video_placeholder(synthetic):
         data.prompt_ids(tokenizer, "Is the <|video_pad|> left?", torch.tensor([2, 4, 4]), video_id)
 
 
-def test_a_numeric_question_with_a_non_numeric_answer_names_the_row(tmp_path):
-    rows = [{"question": "How many?", "ground_truth": "three", "question_type": "object_counting", "path": "a.mp4"}]
+@pytest.mark.parametrize("answer", ["three", "nan", "inf"])      # float() reads the last two, MRA cannot score them
+def test_a_numeric_question_with_a_non_numeric_answer_names_the_row(tmp_path, answer):
+    rows = [{"question": "How many?", "ground_truth": answer, "question_type": "object_counting", "path": "a.mp4"}]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    with pytest.raises(data.DataError, match=r"rows\.json row 1: answer 'three' of numeric question type"):
+    with pytest.raises(data.DataError, match=f"rows\\.json row 1: answer '{answer}' of numeric question type"):
         data.load_samples([str(tmp_path / "rows.json")], ".", "vanilla")
 
 
@@ -949,6 +962,7 @@ def test_ids_stay_as_the_row_gave_them(tmp_path):
     (["--num-frames", "0"], "--num-frames must be at least 1"),
     (["--rewards", "accuracy", "format"], "the format reward needs --prompt-mode think or observe"),
     (["--reward-weights", "1", "2"], "--reward-weights has 2 values for 1 rewards"),
+    (["--reward-weights", "nan"], "--reward-weights must be finite numbers"),
     (["--max-completion-length", "0"], "--max-completion-length must be at least 1, got 0"),
     (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
     (["--temperature", "nan"], "--temperature must be positive, got nan"),
@@ -1029,6 +1043,9 @@ def test_a_data_path_that_does_not_exist_is_a_flag_error(capsys):
     with pytest.raises(SystemExit):
         vsgrpo.parse_args(["--data", "/nonexistent/vsi100k/*.json"])
     assert "no data file matches '/nonexistent/vsi100k/*.json'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vsgrpo.parse_args(["--eval-only", "--eval-data", "/nonexistent/vsibench.jsonl"])
+    assert "no data file matches '/nonexistent/vsibench.jsonl'" in capsys.readouterr().err
 
 
 def test_a_data_directory_is_a_flag_error_that_suggests_its_files(tmp_path, capsys):
@@ -1099,7 +1116,7 @@ def test_training_end_to_end_in_one_process(synthetic, tmp_path, capsys):
                 "seconds_vision", "generated_tokens_per_s", "train_tokens_per_s", "peak_memory_gb"):
         assert all(math.isfinite(m[key]) for m in metrics), key
     out, err = capsys.readouterr()
-    assert "A=" in out                                          # completions printed at step 2
+    assert out.count("\n--- ") == 1 and "A=" in out             # completions printed at step 2 alone
     assert "Writing model shards" not in err                    # a 0/1 -> 1/1 bar per save: noise in a job's log
     saved = [line.split(" (")[0] for line in out.splitlines() if line.startswith("saved ")]  # a save can take minutes
     assert saved == [f"saved {tmp_path / 'checkpoint-000002'}", f"saved {tmp_path / 'checkpoint-000003'}"]
@@ -1158,7 +1175,7 @@ def test_two_processes_under_accelerate_launch_end_with_identical_weights(synthe
     done = run_processes([*LAUNCH_TWO, str(script),
                           *training_flags(synthetic, tmp_path / "run", "--max-steps", "2", "--save-every", "100")])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
+    assert done.stdout.count("2 process(es)") == 1                       # said once, by the process that keeps the books
     rank0, rank1 = (torch.load(tmp_path / "run" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
@@ -1789,6 +1806,14 @@ class Terminal(io.StringIO):
         return True
 
 
+def test_each_printed_completion_shows_its_own_rewards_and_advantage(capsys):
+    sample = {"source": "rows.jsonl row 3", "question": "How many?", "answer": "2"}
+    ro = vsgrpo.argparse.Namespace(batch=vsgrpo.argparse.Namespace(samples=[sample]), completions=["2", "3"],
+                                   rewards={"accuracy": torch.tensor([1.0, 0.5])}, advantages=torch.tensor([0.7, -0.7]))
+    vsgrpo.print_completions(ro, vsgrpo.argparse.Namespace(num_generations=2, rewards=["accuracy"]))
+    assert capsys.readouterr().out.splitlines()[-2:] == ["  [accuracy=1.00 A=+0.70] '2'", "  [accuracy=0.50 A=-0.70] '3'"]
+
+
 def test_on_a_terminal_the_progress_line_is_rewritten_in_place_until_the_last_step(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", Terminal())
     metrics = dict(loss=0.0, reward=0.5, kl=0.0, completion_length=3, zero_std_fraction=0.0)
@@ -2291,6 +2316,7 @@ def test_a_save_that_cannot_be_written_says_what_and_where_removes_its_partial_f
     (lambda p: open(p / "trainer" / "optimizer.pt", "r+b").write(b"\0" * 64), "optimizer.pt does not match"),
     (lambda p: (p / "trainer" / "state.json").write_text("{"), "state.json has 1 bytes"),
     (lambda p: os.remove(p / "manifest.json"), "has no manifest.json"),
+    (lambda p: (p / "manifest.json").write_text('{"model.safetensors": [1'), "manifest.json is damaged"),
     (lambda p: os.remove(p / "trainer" / "optimizer.pt"), "optimizer.pt is missing"),
 ])
 def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_that_verifies(
