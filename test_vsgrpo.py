@@ -448,6 +448,8 @@ def test_smart_resize_by_hand():
     assert data.smart_resize(20, 30, 128 * 28 * 28) == (56, 84)
     # in budget: rounded to multiples of 28
     assert data.smart_resize(100, 200, 128 * 28 * 28) == (112, 196)
+    # rounds to 448x448, exactly the budget: kept (a rescale by sqrt(450*446/200704) would floor 446 to 420)
+    assert data.smart_resize(450, 446, 448 * 448) == (448, 448)
 
 
 def test_pixels_are_normalised_with_qwen2_vls_published_mean_and_std():
@@ -857,7 +859,7 @@ def test_rows_load_from_json_lists_and_jsonl_in_either_field_style(tmp_path):
                                                   "scene_name": "scene0001_00"}]))
     (tmp_path / "b.jsonl").write_text(json.dumps({"problem": "Left or right?", "solution": "<answer> left </answer>",
                                                   "path": "clips/x.mp4"}) + "\n\n" +
-                                      json.dumps({"problem": "How far?", "solution": "2.5", "path": "clips/y.mp4"}))
+                                      json.dumps({"problem": "How far?", "solution": "2.5", "video": "clips/y.mp4"}))
     samples = data.load_samples([str(tmp_path / "*.json*")], "/videos", "think")
     assert [(s["question"], s["answer"], s["kind"], s["video"]) for s in samples] == [
         ("How many?", "3", "numeric", "/videos/scannet/scene0001_00.mp4"),
@@ -897,6 +899,12 @@ def test_a_row_missing_a_field_names_the_file_the_row_and_the_field(tmp_path):
     rows = [{"question": "q", "ground_truth": "1", "path": "a.mp4"}, {"question": "q", "path": "b.mp4"}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(data.DataError, match=r"rows\.jsonl row 2: missing field 'ground_truth'"):
+        data.load_samples([str(tmp_path / "rows.jsonl")], ".", "vanilla")
+    (tmp_path / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "ground_truth": "1"}))
+    with pytest.raises(data.DataError, match=r"row 2: missing field 'path' \(or 'video', or 'dataset' \+ 'scene_name'\)"):
+        data.load_samples([str(tmp_path / "rows.jsonl")], ".", "vanilla")
+    (tmp_path / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(["q", "1", "b.mp4"]))
+    with pytest.raises(data.DataError, match=r"rows\.jsonl row 2: a row must be a JSON object, got list"):
         data.load_samples([str(tmp_path / "rows.jsonl")], ".", "vanilla")
 
 
@@ -1110,6 +1118,12 @@ def test_training_end_to_end_in_one_process(synthetic, tmp_path, capsys):
     metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert "eval_avg" not in metrics[1] and 0 <= metrics[2]["eval_avg"] <= 1
+    args = vsgrpo.parse_args(training_flags(synthetic, tmp_path, "--eval-data", str(tmp_path / "held_out.jsonl"),
+                                            "--eval-video-root", synthetic["videos"]))
+    held_out = data.load_samples(args.eval_data, args.eval_video_root, "vanilla")[:4]     # the step's own evaluation,
+    again, _ = vsgrpo.evaluate(policy, vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"]), held_out, args,
+                               vsgrpo.make_accelerator())                                   # of the final weights, again
+    assert metrics[2]["eval_avg"] == rewards.task_scores(again)["Avg"]
     for key in ("loss", "reward", "reward_std", "reward_digits", "zero_std_fraction", "kl", "clip_fraction",
                 "completion_length", "completion_length_max", "truncated_fraction", "learning_rate",
                 "seconds_generation", "seconds_scoring", "seconds_logprob_passes", "seconds_optimisation",
@@ -1491,6 +1505,8 @@ def test_evaluation_metrics_are_reproduced_from_its_predictions(synthetic, tmp_p
     assert metrics["scores"] == pytest.approx({**tasks, "Avg": mean(list(tasks.values()))})
     assert metrics["questions"]["Count"] == 3 and metrics["questions"]["RelDir"] == 6
     assert json.load(open(tmp_path / "eval" / "metrics.json"))["scores"] == pytest.approx(metrics["scores"])
+    assert metrics["settings"] == {"model": synthetic["model"], "prompt": "vanilla", "num_frames": 4,
+                                   "max_pixels": 56 * 56}                    # --eval-num-frames, not --num-frames
     table = capsys.readouterr().out
     assert "Avg |    Count |  AbsDist |  ObjSize | RoomSize |  RelDist |   RelDir |    Route |    Order" in table
 
@@ -2258,6 +2274,9 @@ def test_sigterm_to_two_processes_under_accelerate_launch_saves_one_agreed_step(
     assert vsgrpo.checkpoints(str(tmp_path)) == [str(tmp_path / f"checkpoint-{last:06d}")]
     trainer = os.listdir(tmp_path / f"checkpoint-{last:06d}" / "trainer")
     assert {"rng-rank0.pt", "rng-rank1.pt"} <= set(trainer)
+    with pytest.raises(SystemExit, match=r"processes 1 \(checkpoint: 2\)"):       # the data order follows from both
+        vsgrpo.main(training_flags(synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000",
+                                   "--log-completions-every", "0", "--resume", reward="accuracy"))
 
 
 @pytest.mark.parametrize("refusal", ["nothing to resume", "directory in use", "benchmark over an earlier one"])
