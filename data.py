@@ -60,7 +60,7 @@ def read_rows(path: str) -> list[dict]:
         except json.JSONDecodeError as e:
             try:  # valid JSON after all: one object over several lines, not rows
                 keys = ", ".join(list(json.loads(text))[:5])
-            except (json.JSONDecodeError, TypeError):
+            except json.JSONDecodeError:  # valid JSON over several lines is an object or a list
                 raise DataError(f"{path} line {lines_before + e.lineno}: not valid JSON ({e.msg}, column {e.colno})") \
                     from None
             raise DataError(f"{path}: one JSON object (keys: {keys}), not rows: give a JSON list of rows, or one row "
