@@ -9,7 +9,6 @@ import os
 import re
 import sys
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import av
 import numpy as np
@@ -23,9 +22,9 @@ from rewards import to_float
 PROMPTS = {
     "think": "Please think step by step and enclose your thinking process in <think> </think> tags and then "
              "provide the short answer with one or two words or a number in <answer> </answer>.",
-    "observe": "Please observe carefully and analyze what you see that helps you to solve the question in the "
-               "video and enclose it in <observe> </observe> tag, and then provide the short answer with one or "
-               "two words or a number in <answer> </answer>.",
+    "observe": "Please observe carefully and analyze what you see that helps you to solve the question in "
+               "the video and enclose it in <observe> </observe> tag, and then provide the short answer with "
+               "one or two words or a number in <answer> </answer>.",
     "vanilla": "Please provide the short answer with one or two words or a number.",
 }
 # VSI-Bench's numeric-answer question types, scored with Mean Relative Accuracy.
@@ -45,14 +44,15 @@ class DataError(ValueError):
 def read_rows(path: str) -> list[dict]:
     """Rows of a JSON list or a JSONL file; a parse error names the line of the file."""
     try:
-        with open(path, encoding="utf-8-sig") as f:  # "-sig": a byte-order mark, as Windows editors write, is skipped
+        with open(path, encoding="utf-8-sig") as f:  # skips a byte-order mark, as Windows editors write
             text = f.read()
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): rows must be JSON or JSONL (convert parquet first)") \
-            from None
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): rows must be JSON or JSONL (convert "
+                        "parquet first)") from None
     # (lines before the chunk, chunk): a JSON list is one chunk, a JSONL file one per line
     is_list = text.lstrip().startswith("[")
-    chunks = [(0, text)] if is_list else [(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    lines = [(i, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    chunks = [(0, text)] if is_list else lines
     rows = []
     for lines_before, chunk in chunks:
         try:
@@ -61,10 +61,10 @@ def read_rows(path: str) -> list[dict]:
             try:  # valid JSON after all: one object over several lines, not rows
                 keys = ", ".join(list(json.loads(text))[:5])
             except json.JSONDecodeError:  # valid JSON over several lines is an object or a list
-                raise DataError(f"{path} line {lines_before + e.lineno}: not valid JSON ({e.msg}, column {e.colno})") \
-                    from None
-            raise DataError(f"{path}: one JSON object (keys: {keys}), not rows: give a JSON list of rows, or one row "
-                            "per line (JSONL)") from None
+                raise DataError(f"{path} line {lines_before + e.lineno}: not valid JSON ({e.msg}, column "
+                                f"{e.colno})") from None
+            raise DataError(f"{path}: one JSON object (keys: {keys}), not rows: give a JSON list of rows, or "
+                            "one row per line (JSONL)") from None
     return rows[0] if is_list else rows
 
 
@@ -86,7 +86,7 @@ KINDS = {str: "a string", (str, int, float): "a string or a number", list: "a li
 
 
 def row_field(row: dict, names: tuple, where: str, kind=str, required: bool = True):
-    """The first of `names` the row sets, checked against `kind`; a missing or mistyped field names the row."""
+    """The first of `names` the row sets, checked against `kind`; a missing or mistyped field names the row"""
     for name, value in ((name, row[name]) for name in names if row.get(name) is not None):
         if isinstance(value, bool) or not isinstance(value, kind) or (kind is list and not all(
                 isinstance(v, str) for v in value)):
@@ -97,7 +97,8 @@ def row_field(row: dict, names: tuple, where: str, kind=str, required: bool = Tr
         # Tokenized, it would be the token: a second video placeholder, or the end of the user's turn.
         special = re.search(r"<\|\w+\|>", " ".join(value) if kind is list else str(value))
         if special:
-            raise DataError(f"{where}: field {name!r} holds {special.group()}, a special token of Qwen2-VL's chat format")
+            raise DataError(f"{where}: field {name!r} holds {special.group()}, a special token of Qwen2-VL's "
+                            "chat format")
         return value
     if required:
         raise DataError(f"{where}: missing field {names[0]!r}" + (f" (also accepted: {', '.join(names[1:])})"
@@ -105,7 +106,7 @@ def row_field(row: dict, names: tuple, where: str, kind=str, required: bool = Tr
 
 
 def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> dict:
-    """One row, in VSI-Bench's field names or the problem/solution/path style of open R1-V-like recipes, as the
+    """One row, in VSI-Bench's field names or the problem/solution/path style of open R1-V-like recipes, as
     sample dict the rest of the code uses."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
@@ -124,16 +125,18 @@ def normalise_row(row: dict, where: str, video_root: str, prompt_mode: str) -> d
     number = to_float(answer)
     numeric = question_type in NUMERIC_TYPES or (not question_type and number is not None)
     if numeric and number is None:
-        raise DataError(f"{where}: answer {answer!r} of numeric question type {question_type!r} is not a number")
-    return {
-        "id": where if row.get("id") is None else row_field(row, ("id",), where, (str, int, float)),  # as given
-        "question": row_field(row, ("question", "problem"), where), "answer": answer, "question_type": question_type,
-        "kind": "numeric" if numeric else "word", "options": row_field(row, ("options",), where, list, required=False)
-        or [], "video": os.path.join(video_root, video), "prompt_mode": prompt_mode, "source": where,
-    }
+        raise DataError(f"{where}: answer {answer!r} of numeric question type {question_type!r} is not a "
+                        "number")
+    # The id as given (a number stays a number), or the row's place.
+    identifier = where if row.get("id") is None else row_field(row, ("id",), where, (str, int, float))
+    options = row_field(row, ("options",), where, list, required=False) or []
+    return {"id": identifier, "question": row_field(row, ("question", "problem"), where), "answer": answer,
+            "question_type": question_type, "kind": "numeric" if numeric else "word", "options": options,
+            "video": os.path.join(video_root, video), "prompt_mode": prompt_mode, "source": where}
 
 
-def load_samples(patterns: list[str], video_root: str, prompt_mode: str, errors: list | None = None) -> list[dict]:
+def load_samples(patterns: list[str], video_root: str, prompt_mode: str,
+                 errors: list | None = None) -> list[dict]:
     """Every row of every file, normalised. A bad row raises an error naming file, row and field,
     or, when `errors` is a list, is appended to it and left out."""
     samples = []
@@ -150,30 +153,6 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str, errors:
     return samples
 
 
-def check_videos(samples: list[dict], args, decode: bool, progress=None) -> dict[str, str]:
-    """{video: its problem} for the rows' bad videos, each checked once, in parallel threads. decode False only
-    checks that each file exists (cheap); True runs training's own preprocessing, so a video it passes trains.
-    progress(done, total) is called every 50 videos and at the end."""
-    first_row = {s["video"]: s["source"] for s in reversed(samples)}
-
-    def problem(path: str) -> str | None:
-        try:
-            exists(path)
-            if decode:  # not through load_video's cache: checking a whole data set would only churn it
-                video_patches(read_frames(path, args.num_frames), args.max_pixels)
-        except DataError as e:
-            return f"{first_row[path]}: {e}"
-
-    problems = {}
-    with ThreadPoolExecutor(8) as pool:
-        for done, (path, found) in enumerate(zip(first_row, pool.map(problem, first_row)), start=1):
-            if found:
-                problems[path] = found
-            if progress and (done % 50 == 0 or done == len(first_row)):
-                progress(done, len(first_row))
-    return problems
-
-
 def exists(path: str) -> None:
     if not os.path.isfile(path):
         raise DataError(f"video not found: {path}")
@@ -181,10 +160,10 @@ def exists(path: str) -> None:
 
 def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator,
                decoded: dict[str, bool]) -> tuple[list, list, list]:
-    """Decode the videos of `indices`: (rows, videos, failures this step). `decoded` records every video the run
-    has tried, True if it decoded, so a bad one is never drawn twice: its row is replaced by a random one whose
-    video decoded before (early in a run, by any not known bad). After 10 failures per row the batch comes back
-    short, and the training loop stops the run, saved."""
+    """Decode the videos of `indices`: (rows, videos, failures this step). `decoded` records every video the
+    run has tried, True if it decoded, so a bad one is never drawn twice: its row is replaced by a random one
+    whose video decoded before (early in a run, by any not known bad). After 10 failures per row the batch
+    comes back short, and the training loop stops the run, saved."""
     loaded, videos, failures, candidates = [], [], [], list(indices)
     while len(loaded) < len(indices) and len(failures) < 10 * len(indices):
         pool = candidates or [i for i, s in enumerate(samples) if decoded.get(s["video"])] or \
@@ -205,7 +184,8 @@ def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Gen
     return loaded, videos, failures
 
 
-def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples: int, seed: int) -> list[int]:
+def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples: int,
+                  seed: int) -> list[int]:
     """The rows process `rank` trains on at `step`: a fresh seeded shuffle of the data every epoch."""
     positions = [(step * world + rank) * batch_size + j for j in range(batch_size)]
     order = {epoch: np.random.default_rng([seed, epoch]).permutation(num_samples)
@@ -225,13 +205,14 @@ def read_frames(path: str, num_frames: int) -> np.ndarray:
             instants = np.linspace(times[0], times[-1], num_frames) if len(times) else []
             wanted = [int(times[np.abs(times - t).argmin()]) for t in instants]  # the nearest frame to each
             container.seek(0)
-            decoded = {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(video=0) if f.pts in wanted}
+            decoded = {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(video=0)
+                       if f.pts in wanted}
     except (av.FFmpegError, IndexError, ValueError) as e:
         raise DataError(f"cannot decode video {path}: {e}") from None
     lost = set(wanted) - set(decoded)
     if not wanted or lost:
-        raise DataError(f"cannot decode video {path}: " + (f"{len(lost)} of the {len(set(wanted))} frames chosen did "
-                        "not decode" if wanted else "no frames") + " (truncated or damaged file?)")
+        why = f"{len(lost)} of the {len(set(wanted))} frames chosen did not decode" if wanted else "no frames"
+        raise DataError(f"cannot decode video {path}: {why} (truncated or damaged file?)")
     return np.stack([decoded[t] for t in wanted])
 
 
@@ -278,7 +259,7 @@ def patchify(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 DECODED: OrderedDict = OrderedDict()  # decoded videos, least recently used first
-DECODED_BYTES = 2**30  # at most 1 GiB a process: ~55 videos of 16 frames of 128*28*28 pixels, ~7,000 of the demo's
+DECODED_BYTES = 2**30  # 1 GiB a process: ~55 videos of 16 frames of 128*28*28 pixels, ~7,000 of the demo's
 
 
 def load_video(path: str, num_frames: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +290,8 @@ def prompt_ids(tokenizer, text: str, video_grid_thw: torch.Tensor, video_token_i
         if tokenizer.chat_template else QWEN2VL_CHAT.format(text=text)
     ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
     if ids.count(video_token_id) != 1:
-        raise DataError(f"the chat prompt must hold exactly one video placeholder, found {ids.count(video_token_id)}")
+        raise DataError(f"the chat prompt must hold exactly one video placeholder, found "
+                        f"{ids.count(video_token_id)}")
     at = ids.index(video_token_id)
     return ids[:at] + [video_token_id] * (int(video_grid_thw.prod()) // MERGE**2) + ids[at + 1:]
 

@@ -21,7 +21,8 @@ REWARDS: dict[str, RewardFn] = {}
 
 # The paper trains its best model with the vanilla prompt and accuracy alone; the format
 # reward only makes sense where the prompt asks for tags.
-DEFAULT_REWARDS = {"vanilla": ["accuracy"], "think": ["accuracy", "format"], "observe": ["accuracy", "format"]}
+DEFAULT_REWARDS = {"vanilla": ["accuracy"], "think": ["accuracy", "format"],
+                   "observe": ["accuracy", "format"]}
 
 
 def reward(name: str):
@@ -125,7 +126,8 @@ def score_completions(completions: list[str], samples: list[dict], names: list[s
     for name in names:
         scores[name] = [float(x) for x in REWARDS[name](completions, samples)]
         if len(scores[name]) != len(completions):
-            raise ValueError(f"reward {name!r} returned {len(scores[name])} values for {len(completions)} completions")
+            raise ValueError(f"reward {name!r} returned {len(scores[name])} values for {len(completions)} "
+                             "completions")
     scores["total"] = [sum(w * scores[n][i] for n, w in zip(names, weights)) for i in range(len(completions))]
     return scores
 
@@ -170,5 +172,6 @@ def no_video_baseline(rows: list[dict]) -> dict[str, float]:
     best = {}
     for question_type in {r["question_type"] for r in rows}:
         typed = [r for r in rows if r["question_type"] == question_type]
-        best[question_type] = max(np.mean([answer_score(a, r) for r in typed]) for a in {r["answer"] for r in typed})
+        answers = {r["answer"] for r in typed}
+        best[question_type] = max(np.mean([answer_score(a, r) for r in typed]) for a in answers)
     return best

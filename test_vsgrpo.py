@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import av
 import numpy as np
@@ -340,7 +341,8 @@ def test_step_metrics_by_hand():
     batch = vsgrpo.Batch([{}, {}], prompts, prompts, [], torch.zeros(2, 3))
     ro = vsgrpo.Rollout(batch, ids, *vsgrpo.completion_mask(ids, [eos]), ["x"] * 4,
                         {"accuracy": reward, "total": reward}, torch.zeros(4), None, None)
-    args = vsgrpo.argparse.Namespace(num_generations=2, rewards=["accuracy"], num_iterations=2)
+    args = vsgrpo.argparse.Namespace(num_generations=2, rewards=["accuracy"], num_iterations=2,
+                                     straightforward=False, micro_batch_size=2)
     vsgrpo.PHASES.clear()
     vsgrpo.PHASES.update(generation=2.0, optimisation=4.0)
     m = vsgrpo.step_metrics(ro, args, {"loss": 0.5}, 1, 1e-5)
@@ -349,17 +351,12 @@ def test_step_metrics_by_hand():
     assert m["zero_std_fraction"] == 0.5 and m["reward"] == 0.5
     assert m["reward_std"] == pytest.approx(math.sqrt(0.5) / 2)  # within each group: [1, 0] and [0.5, 0.5], averaged
     assert m["generated_tokens_per_s"] == pytest.approx(12 / 2.0) and m["seconds_generation"] == 2.0
-    # each pass reads 2 x 3 + 2 x 5 prompt tokens and 12 completion tokens; mu = 2 passes in 4 s
-    assert m["train_tokens_per_s"] == pytest.approx(2 * (2 * 3 + 2 * 5 + 12) / 4.0)
-
-
-def test_the_cpu_peak_memory_restarts_from_the_current_resident_set():
-    if not os.path.exists("/proc/self/clear_refs"):
-        pytest.skip("Linux only")
-    buffer = np.ones(2**25)                                   # 256 MB, resident while it lives
-    high = vsgrpo.peak_memory_gb(torch.device("cpu"))
-    del buffer
-    assert high - vsgrpo.peak_memory_gb(torch.device("cpu"), reset=True) > 0.2  # each benchmark path has its own peak
+    # Each pi_theta pass runs each prompt once (3 + 5 tokens) and 4 completions padded to 4; mu = 2 passes in 4 s.
+    assert m["policy_tokens_per_s"] == pytest.approx(2 * (3 + 5 + 4 * 4) / 4.0)
+    args.micro_batch_size = 1                                  # each question in 2 forwards: its prompt twice
+    assert vsgrpo.step_metrics(ro, args, {}, 0, 1e-5)["policy_tokens_per_s"] == pytest.approx(2 * (2 * 8 + 16) / 4)
+    args.straightforward = True                                # each completion behind its own padded prompt of 5
+    assert vsgrpo.step_metrics(ro, args, {}, 0, 1e-5)["policy_tokens_per_s"] == pytest.approx(2 * 4 * (5 + 4) / 4)
 
 
 # ----------------------------------------------------------------------------- video
@@ -622,7 +619,8 @@ def test_merged_checkpoint_gives_the_adapter_models_logits(synthetic, tmp_path):
     for layer in lora.modules():
         if isinstance(layer, vsgrpo.LoRALinear):
             layer.lora_B.data.normal_(std=0.1)
-    vsgrpo.save_model(lora, tokenizer, str(tmp_path / "merged"))
+    lora.save_pretrained(str(tmp_path / "merged"), state_dict=vsgrpo.merged_state_dict(lora))
+    tokenizer.save_pretrained(str(tmp_path / "merged"))
     merged = vsgrpo.Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "merged")).eval()
     assert not any(isinstance(m, vsgrpo.LoRALinear) for m in merged.modules())
     batch = batch_of(synthetic, [0, 1], args, tokenizer, lora)
@@ -980,7 +978,7 @@ def test_ids_stay_as_the_row_gave_them(tmp_path):
     (["--max-steps", "-3"], "--max-steps must be at least 0, got -3"),
     (["--lora-rank", "-4"], "--lora-rank must be at least 0, got -4"),
     (["--clip-eps", "1.5"], "--clip-eps must be at most 1, got 1.5"),
-    (["--report-to", "tensorboard"], "--report-to tensorboard: not installed"),
+    (["--report-to", "no-such-tracker"], "--report-to no-such-tracker: not installed"),  # not an installed one
     (["--max-bad-video-fraction", "2"], "--max-bad-video-fraction must be at most 1, got 2.0"),
     (["--seed", "-1"], "--seed must be at least 0, got -1"),
 ])
@@ -988,6 +986,13 @@ def test_bad_flags_stop_with_a_clear_message_before_any_model_is_loaded(syntheti
     with pytest.raises(SystemExit) as stop:
         vsgrpo.parse_args(["--model", "/nonexistent/model", "--data", synthetic["data"], *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prefix", [["--learning", "5e-4"], ["--num-gen", "4"], ["--max-completion", "8"]])
+def test_a_prefix_of_a_flag_is_an_error_as_a_misspelt_flag_is(synthetic, capsys, prefix):
+    with pytest.raises(SystemExit) as stop:                       # argparse took them for --learning-rate and -G
+        vsgrpo.parse_args(["--data", synthetic["data"], *prefix])
+    assert stop.value.code == 2 and f"unrecognized arguments: {' '.join(prefix)}" in capsys.readouterr().err
 
 
 def test_an_output_dir_that_cannot_be_a_directory_is_a_flag_error(synthetic, tmp_path, capsys):
@@ -1004,26 +1009,22 @@ def test_a_model_neither_on_disk_nor_reachable_is_one_line_before_any_work(synth
                            "--data", synthetic["data"], "--video-root", synthetic["videos"], "--output-dir",
                            str(tmp_path)], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.strip().splitlines() == [
-        "error: --model Qwen/Qwen2-VL-2B-Instruct is not a local directory, and the model hub could not give it "
-        "(OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
-        "the cached files.). Pass the directory of a downloaded checkpoint."]
+    assert done.stderr.strip().splitlines()[-1:] == [
+        "error: --model Qwen/Qwen2-VL-2B-Instruct: We couldn't connect to 'https://huggingface.co' to load the "
+        "files, and couldn't find them in the cached files."]
     assert os.listdir(tmp_path) == []                                   # nothing written
 
 
-def test_a_model_directory_without_a_checkpoint_is_one_line_naming_the_newest_checkpoint_inside(synthetic, tmp_path):
-    # transformers 5 reads a directory without config.json as a default (72B-sized) config, so a run's output
-    # directory passed as --model got past the check and failed later with a raw OSError traceback.
+def test_a_model_directory_without_a_checkpoint_is_one_line_naming_the_flag(synthetic, tmp_path):
     vsgrpo.main(training_flags(synthetic, tmp_path / "run", "--max-steps", "1", "--save-every", "1"))
     os.makedirs(tmp_path / "config_only")
     shutil.copy(os.path.join(synthetic["model"], "config.json"), tmp_path / "config_only")
-    for directory, hint in ((tmp_path / "run", f"; its newest checkpoint is {tmp_path / 'run' / 'checkpoint-000001'}"),
-                            (tmp_path / "empty", ""), (tmp_path / "config_only", "")):
+    for directory in (tmp_path / "run", tmp_path / "empty", tmp_path / "config_only"):  # a run's directory too
         os.makedirs(directory, exist_ok=True)
         with pytest.raises(SystemExit) as stopped:
             vsgrpo.main(eval_flags(synthetic, synthetic["data"], tmp_path / "eval") + ["--model", str(directory)])
-        assert str(stopped.value) == f"error: --model {directory} holds no checkpoint (a config.json and its weights)" \
-                                     f"{hint}"
+        assert str(stopped.value) == (f"error: --model {directory}: Error no file named model.safetensors, or "
+                                      f"pytorch_model.bin, found in directory {directory}.")
 
 
 def test_accelerates_fp16_mixed_precision_stops_before_any_work_and_bf16_trains(synthetic, tmp_path):
@@ -1043,7 +1044,7 @@ def test_a_missing_video_is_named_at_the_first_row_that_uses_it(tmp_path):
     (tmp_path / "rows.jsonl").write_text(json.dumps(dict(ROW, path="gone.mp4")) + "\n" +
                                          json.dumps(dict(ROW, path="gone.mp4")) + "\n")
     samples = data.load_samples([str(tmp_path / "rows.jsonl")], str(tmp_path), "vanilla")
-    assert data.check_videos(samples, None, decode=False) == {
+    assert vsgrpo.missing_videos(samples) == {
         str(tmp_path / "gone.mp4"): f"{tmp_path / 'rows.jsonl'} row 1: video not found: {tmp_path / 'gone.mp4'}"}
 
 
@@ -1127,7 +1128,7 @@ def test_training_end_to_end_in_one_process(synthetic, tmp_path, capsys):
     for key in ("loss", "reward", "reward_std", "reward_digits", "zero_std_fraction", "kl", "clip_fraction",
                 "completion_length", "completion_length_max", "truncated_fraction", "learning_rate",
                 "seconds_generation", "seconds_scoring", "seconds_logprob_passes", "seconds_optimisation",
-                "seconds_vision", "generated_tokens_per_s", "train_tokens_per_s", "peak_memory_gb"):
+                "seconds_vision", "generated_tokens_per_s", "policy_tokens_per_s", "peak_memory_gb"):
         assert all(math.isfinite(m[key]) for m in metrics), key
     out, err = capsys.readouterr()
     assert out.count("\n--- ") == 1 and "A=" in out             # completions printed at step 2 alone
@@ -1145,6 +1146,19 @@ def test_training_end_to_end_in_one_process(synthetic, tmp_path, capsys):
     assert not torch.equal(merged.state_dict()[q_proj], base[q_proj])
 
 
+def test_no_deprecation_warning_points_at_our_own_code(synthetic, tmp_path):
+    # transformers 5.24 renamed generate's past_key_values to cache: every run warned from vsgrpo.py.
+    write_benchmark_rows(synthetic, tmp_path / "held_out.jsonl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vsgrpo.main(training_flags(synthetic, tmp_path / "run", "--max-steps", "2", "--gradient-checkpointing",
+                                   "--eval-data", str(tmp_path / "held_out.jsonl"), "--eval-video-root",
+                                   synthetic["videos"], "--eval-every", "2", "--eval-limit", "2"))
+    ours = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught
+            if os.path.basename(w.filename) in ("vsgrpo.py", "data.py", "rewards.py")]
+    assert ours == []
+
+
 def test_gradient_checkpointing_changes_no_step_of_a_run(synthetic, tmp_path):
     # optimise() leaves the policy in training mode, in which checkpointed layers keep no cache: each rollout
     # must sample in eval mode, or step 2 has no prefilled prompt to continue.
@@ -1156,6 +1170,26 @@ def test_gradient_checkpointing_changes_no_step_of_a_run(synthetic, tmp_path):
         for key in ("loss", "reward", "kl", "grad_norm", "completion_length"):
             assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-8), key
     assert len(runs[1]) == 2
+
+
+def test_decoding_the_next_steps_videos_in_the_background_changes_no_step_and_no_skip(synthetic, tmp_path,
+                                                                                       monkeypatch, capsys):
+    videos = copy_dataset(synthetic, tmp_path)
+    open(os.path.join(videos, "synthetic", "train_00005.mp4"), "r+b").truncate(1500)        # undecodable
+    flags = lambda out: [*training_flags(synthetic, out, "--max-steps", "6", "--save-every", "6", "--batch-size",
+                                         "3", "--log-completions-every", "0"), "--video-root", videos]
+    runs = {}
+    for prefetch in (True, False):
+        monkeypatch.setattr(vsgrpo, "PREFETCH", prefetch)
+        data.DECODED.clear()
+        runs[prefetch] = (vsgrpo.main(flags(tmp_path / str(prefetch))),
+                          [comparable(json.loads(line)) for line in open(tmp_path / str(prefetch) / "metrics.jsonl")])
+        skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+        assert len(skipped) == 1 and "train_00005.mp4" in skipped[0]                   # once, either way
+    (ahead, ahead_log), (in_turn, in_turn_log) = runs[True], runs[False]
+    assert ahead_log == in_turn_log and sum(m["bad_videos"] for m in ahead_log) == 1
+    for (name, a), (_, b) in zip(ahead.named_parameters(), in_turn.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_data_smaller_than_one_batch_still_trains_one_step(synthetic, tmp_path):
@@ -1359,7 +1393,7 @@ def test_a_step_encodes_each_video_once_and_trains_as_the_straightforward_path(s
 def test_benchmark_under_accelerate_launch_times_both_paths_on_the_same_steps(tmp_path):
     done = run_processes([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), "--benchmark", "tiny", "--output-dir",
                           str(tmp_path), "--max-steps", "3", "-G", "4", "--num-frames", "4", "--max-pixels",
-                          str(56 * 56), "--max-completion-length", "4"])
+                          str(56 * 56), "--max-completion-length", "4", "--batch-size", "1"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.load(open(tmp_path / "benchmark.json"))["results"]
     # 2 processes x 1 question: the default path encodes each video once; the straightforward path encodes
@@ -1367,7 +1401,11 @@ def test_benchmark_under_accelerate_launch_times_both_paths_on_the_same_steps(tm
     assert results["default"]["video_encodings"] == 2 and results["straightforward"]["video_encodings"] == 2 * (1 + 4 + 4)
     for path in results.values():
         assert path["step_seconds"] > 0 and path["peak_memory_gb"] > 0
-        assert path["generated_tokens_per_s"] > 0 and path["train_tokens_per_s"] > 0
+        assert path["generated_tokens_per_s"] > 0 and path["policy_tokens_per_s"] > 0
+        # 2 processes x 1 question a step: 117,000 / 2 steps of step_seconds, on 2 devices
+        assert path["questions_per_s"] == pytest.approx(2 / path["step_seconds"])
+        assert path["epoch_device_hours"] == pytest.approx(117_000 / 2 * path["step_seconds"] * 2 / 3600)
+        assert "policy_mfu" not in path                                     # a CPU has no listed bf16 peak
     assert len(os.listdir(tmp_path / "videos" / "synthetic")) == 2 * 3                  # a new video every step
     assert "| video encodings | 18 | 2 |" in done.stdout and "steps per second, default / straightforward" in done.stdout
 
@@ -1378,7 +1416,8 @@ def test_each_benchmark_path_decodes_its_videos_as_a_run_of_its_own_would(tmp_pa
     decodes, read_frames = [], data.read_frames
     monkeypatch.setattr(data, "read_frames", lambda path, num_frames: decodes.append(path) or read_frames(path, num_frames))
     results = vsgrpo.main(["--benchmark", "tiny", "--output-dir", str(tmp_path), "--max-steps", "3", "-G", "2",
-                           "--num-frames", "2", "--max-pixels", str(56 * 56), "--max-completion-length", "2"])
+                           "--num-frames", "2", "--max-pixels", str(56 * 56), "--max-completion-length", "2",
+                           "--batch-size", "1"])
     videos = sorted(str(tmp_path / "videos" / "synthetic" / name) for name in os.listdir(tmp_path / "videos" / "synthetic"))
     assert len(videos) == 3 and sorted(decodes) == sorted(videos * 2)
     for path in ("straightforward", "default"):  # each figure is the mean of steps 2 and 3: step 1 warms up
@@ -1386,12 +1425,41 @@ def test_each_benchmark_path_decodes_its_videos_as_a_run_of_its_own_would(tmp_pa
         assert results[path]["seconds_generation"] == pytest.approx(np.mean([m["seconds_generation"] for m in logged]))
 
 
-def test_the_benchmark_projects_an_epoch_of_vsi_100k_over_every_process(capsys):
-    args = vsgrpo.parse_args(["--benchmark", "tiny", "--batch-size", "2"])
-    vsgrpo.print_benchmark({"straightforward": {"step_seconds": 36.0}, "default": {"step_seconds": 3.6}}, args, 4, 4)
+def test_a_path_that_runs_out_of_memory_is_reported_as_such_and_the_other_is_still_measured(
+        tmp_path, monkeypatch, capsys):
+    optimise = vsgrpo.optimise
+
+    def out_of_memory_when_straightforward(model, policy, optimizer, accelerator, ro, args):
+        if args.straightforward:  # as 7B's straightforward path did on an H200, in its first optimisation
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.32 GiB.\nmore")
+        return optimise(model, policy, optimizer, accelerator, ro, args)
+    monkeypatch.setattr(vsgrpo, "optimise", out_of_memory_when_straightforward)
+    results = vsgrpo.main(["--benchmark", "tiny", "--output-dir", str(tmp_path), "--max-steps", "2", "-G", "2",
+                           "--num-frames", "2", "--max-pixels", str(56 * 56), "--max-completion-length", "2",
+                           "--batch-size", "1"])
+    assert results["straightforward"] == {"out_of_memory": "CUDA out of memory. Tried to allocate 2.32 GiB."}
+    assert results["default"]["step_seconds"] > 0
+    assert json.load(open(tmp_path / "benchmark.json"))["results"] == results
     out = capsys.readouterr().out
-    # 117,000 questions / (2 a step x 4 processes) = 14,625 steps of 3.6 s: 14.625 hours
-    assert "default / straightforward: 10.00x" in out and ": 14.6 hours on 4 device(s)" in out
+    assert "| out of memory | CUDA out of memory. Tried to allocate 2.32 GiB. | - |" in out
+    assert f"| questions per s | - | {results['default']['questions_per_s']:.4g} |" in out
+    assert "model-FLOPs utilisation: not computed" in out
+
+
+def test_model_flops_utilisation_is_6_n_tokens_per_second_over_the_devices_bf16_peak(
+        synthetic, tmp_path, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "seconds_optimisation": 2.0, "policy_tokens_per_s": tokens, "peak_memory_gb": 1.0}) + "\n"
+        for s, tokens in ((1, 1.0), (2, 3e9), (3, 5e9))))                 # step 1 warms up: not counted
+    _, policy, _ = load_tiny(synthetic, lora_rank=4)
+    _, base, _ = load_tiny(synthetic, lora_rank=0)
+    parameters = sum(p.numel() for p in base.model.language_model.parameters())  # the adapters not counted
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    run = vsgrpo.argparse.Namespace(output_dir=str(tmp_path), batch_size=16)
+    figures = vsgrpo.path_figures(run, policy, 1)
+    assert figures["policy_mfu"] == pytest.approx(6 * parameters * 4e9 / 989e12)
+    assert figures["questions_per_s"] == pytest.approx(16 / 2.0)
 
 
 def test_the_full_size_shapes_have_qwen2_vls_published_parameter_counts():
@@ -1581,6 +1649,14 @@ def test_evaluation_decodes_videos_a_batch_at_a_time_and_shows_progress(syntheti
     assert len(rows) == 23 and at_generate == [4, 8, 12, 16, 20, 22]
     assert "evaluated 23 of this process's 23 questions" in capsys.readouterr().out
 
+def test_evaluation_progress_counts_the_questions_answered_and_never_shows_zero(synthetic, tmp_path, monkeypatch):
+    write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")                  # 23 rows
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "eval") + ["--eval-batch-size", "8"])
+    assert re.findall(r"evaluated (\d+) of this process's 23", terminal.getvalue()) == ["8", "16", "23"]
+
+
 def test_evaluation_prompts_follow_the_protocol_character_for_character(synthetic, tmp_path):
     write_benchmark_rows(synthetic, tmp_path / "vsibench.jsonl")
     vsgrpo.main(eval_flags(synthetic, tmp_path / "vsibench.jsonl", tmp_path / "eval"))
@@ -1718,7 +1794,7 @@ def test_the_demo_as_the_readme_runs_it_learns_to_see_colour_beyond_any_video_bl
 
 
 # ----------------------------------------------------------------------------- long runs survive
-TIMING_KEYS = ("seconds_", "generated_tokens_per_s", "train_tokens_per_s", "peak_memory_gb")
+TIMING_KEYS = ("seconds_", "generated_tokens_per_s", "policy_tokens_per_s", "peak_memory_gb")
 
 
 def comparable(metrics: dict) -> dict:
@@ -1796,27 +1872,6 @@ def plant_faults(synthetic, tmp_path) -> str:
     return str(path)
 
 
-def test_check_data_lists_every_planted_fault_and_fails(synthetic, tmp_path, capsys):
-    rows = plant_faults(synthetic, tmp_path)
-    with pytest.raises(SystemExit) as stop:
-        vsgrpo.main(["--check-data", "--data", rows, "--video-root", str(tmp_path / "videos"), "--num-frames", "4"])
-    out = capsys.readouterr().out
-    assert stop.value.code == 1
-    assert "rows.jsonl row 7: missing field 'ground_truth'" in out
-    assert "rows.jsonl row 8: answer 'many' of numeric question type 'object_counting' is not a number" in out
-    assert "row 5: video not found" in out and "gone.mp4" in out
-    assert "row 6: cannot decode video" in out and "torn.mp4" in out
-    # 8 rows: 2 bad, and 2 whose videos are bad; what would train is the other 4 and their videos.
-    assert "2 bad rows" in out and "2 missing or undecodable videos" in out and "4 good rows, 4 videos" in out
-    assert f"  {'object_counting':32} {2:7}  numeric" in out                            # of the 4 good rows
-
-
-def test_check_data_passes_a_clean_dataset(synthetic, capsys):
-    with pytest.raises(SystemExit) as stop:
-        vsgrpo.main(["--check-data", "--data", synthetic["data"], "--video-root", synthetic["videos"]])
-    assert stop.value.code == 0 and "12 good rows, 12 videos" in capsys.readouterr().out
-
-
 class Terminal(io.StringIO):
     def isatty(self):
         return True
@@ -1841,14 +1896,6 @@ def test_on_a_terminal_the_progress_line_is_rewritten_in_place_until_the_last_st
     assert re.findall(r"eta (\S+)min", shown) == ["2.0", "1.0", "0.0"]        # a minute a step, for the steps left
 
 
-def test_check_data_shows_its_progress_over_the_videos(tmp_path, capsys):
-    rows = vsgrpo.write_synthetic_dataset(str(tmp_path), 60, num_frames=2)
-    with pytest.raises(SystemExit):  # decoding VSI-100k's ~1,500 scene videos takes minutes
-        vsgrpo.main(["--check-data", "--data", rows, "--video-root", str(tmp_path / "videos"), "--num-frames", "2"])
-    out = capsys.readouterr().out.splitlines()                  # piped: whole lines, one per 50 videos and the last
-    assert [line for line in out if "checked" in line] == ["  checked 50 of 60 videos", "  checked 60 of 60 videos"]
-
-
 def test_training_refuses_bad_rows_before_loading_any_model(synthetic, tmp_path):
     rows = plant_faults(synthetic, tmp_path)
     with pytest.raises(SystemExit, match="2 bad row"):
@@ -1861,9 +1908,6 @@ def test_a_file_of_only_bad_rows_lists_each_of_them_not_no_rows(synthetic, tmp_p
     flags = ["--data", str(tmp_path / "rows.jsonl"), "--video-root", synthetic["videos"]]
     with pytest.raises(SystemExit, match="(?s)2 bad row.*row 1: missing field 'question'.*row 2: missing field"):
         vsgrpo.main(["--model", "/no/such/model", *flags])
-    with pytest.raises(SystemExit) as stop:
-        vsgrpo.main(["--check-data", *flags])
-    assert stop.value.code == 1 and "rows.jsonl row 2: missing field 'question'" in capsys.readouterr().out
 
 
 def test_a_video_root_that_holds_none_of_the_videos_is_named_as_the_flag_at_fault(synthetic, tmp_path):
@@ -2059,17 +2103,6 @@ def test_resume_with_nothing_to_resume_stops_and_changes_nothing(synthetic, tmp_
     assert checkpoint_files(tmp_path) == before
 
 
-def test_resume_given_the_runs_directory_names_its_newest_checkpoint(synthetic, tmp_path):
-    flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "1", "--log-completions-every", "0")
-    vsgrpo.main(flags)
-    before = checkpoint_files(tmp_path)
-    newest = tmp_path / "checkpoint-000002"                # it said the directory "has no manifest.json"
-    with pytest.raises(SystemExit, match=f"--resume {tmp_path}: {tmp_path} is a run's directory, not a checkpoint. "
-                                         f"The newest checkpoint that verifies is {newest}: pass --resume {newest}"):
-        vsgrpo.main(flags + ["--resume", str(tmp_path), "--max-steps", "3"])
-    assert checkpoint_files(tmp_path) == before
-
-
 @pytest.mark.parametrize("max_steps", ["2", "1"])
 def test_resume_from_the_last_step_or_past_it_says_there_is_nothing_to_train(synthetic, tmp_path, max_steps):
     flags = training_flags(synthetic, tmp_path, "--max-steps", "2", "--save-every", "2", "--log-completions-every", "0")
@@ -2086,27 +2119,6 @@ def test_resume_drops_a_metrics_line_torn_by_a_full_disk_and_logs_the_redone_ste
         f.write('{"step": 3, "loss": 0.')                                  # step 3's line, cut off mid-write
     vsgrpo.main(flags + ["--resume", "--max-steps", "3"])
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
-
-
-def test_resume_never_writes_over_a_newer_checkpoint_or_another_run_and_continues_in_a_free_directory(
-        synthetic, tmp_path):
-    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
-    flags = training_flags(synthetic, run, "--max-steps", "4", "--save-every", "2", "--log-completions-every", "0")
-    vsgrpo.main(flags)
-    before = checkpoint_files(run)
-    older = str(run / "checkpoint-000002")
-    with pytest.raises(SystemExit, match=f"--resume {older}: {run} holds newer checkpoints \\(checkpoint-000004\\)"):
-        vsgrpo.main(flags + ["--resume", older])                      # training on would write over them
-    assert checkpoint_files(run) == before                              # metrics.jsonl too
-    vsgrpo.main(flags + ["--resume", older, "--output-dir", str(elsewhere)])
-    assert [json.loads(line)["step"] for line in open(elsewhere / "metrics.jsonl")] == [3, 4]
-    resumed, original = (load_file_from(d / "checkpoint-000004" / "trainer" / "trainable.safetensors")
-                         for d in (elsewhere, run))
-    assert resumed.keys() == original.keys() and all(torch.equal(resumed[k], original[k]) for k in original)
-    kept = checkpoint_files(elsewhere)
-    with pytest.raises(SystemExit, match=f"--output-dir {elsewhere} holds an earlier run"):
-        vsgrpo.main(flags + ["--resume", older, "--output-dir", str(elsewhere)])  # again: it holds a run now
-    assert checkpoint_files(elsewhere) == kept
 
 
 def test_resume_refuses_another_configuration_naming_the_flags_and_allows_a_longer_run(synthetic, tmp_path):
@@ -2148,31 +2160,23 @@ def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, s
     return process.returncode, out, err
 
 
-def test_a_second_run_into_a_directory_in_use_stops_naming_the_holder_and_a_stale_lock_is_taken_over(
+def test_a_second_run_into_a_directory_in_use_stops_naming_the_lock_and_a_killed_runs_lock_is_free(
         synthetic, tmp_path):
     command = [sys.executable, os.path.join(HERE, "vsgrpo.py"), *training_flags(
         synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000", "--log-completions-every", "0",
         reward="accuracy")]
     first = start(command)
     wait_for_steps(first, tmp_path / "metrics.jsonl", 1)
-    assert open(tmp_path / "run.lock").read().split()[0] == str(first.pid)
     code, _, err = finish(start(command + ["--overwrite"]))
-    assert code == 1 and f"is in use by process {first.pid} on " in err and first.poll() is None
+    assert code == 1 and first.poll() is None
+    assert f"--output-dir {tmp_path} is in use by another run (it holds {tmp_path / 'run.lock'})" in err
     assert os.path.exists(tmp_path / "metrics.jsonl")                    # the first run's log survived --overwrite
     os.killpg(first.pid, signal.SIGKILL)                                   # dies holding the lock
     first.wait()
+    assert os.path.exists(tmp_path / "run.lock")                           # its file stays; the kernel's lock went
     code, _, err = finish(start(command + ["--overwrite", "--max-steps", "1"]))
     assert code == 0, err[-3000:]
-    assert f"run.lock was left by process {first.pid}, which is gone: taking it over" in err
     assert not os.path.exists(tmp_path / "run.lock")                       # released at the end
-
-
-def test_a_stale_lock_taken_over_names_only_its_new_holder(tmp_path, capsys):
-    (tmp_path / "run.lock").write_text("12345 elsewhere\n")                # left by a killed run
-    lock = vsgrpo.take_lock(str(tmp_path))
-    assert "left by process 12345, which is gone" in capsys.readouterr().err
-    assert (tmp_path / "run.lock").read_text() == f"{os.getpid()} {os.uname().nodename}\n"
-    vsgrpo.release_lock(lock)
 
 
 def test_ctrl_c_before_a_step_names_the_checkpoint_to_resume_and_only_where_there_is_one(
@@ -2222,41 +2226,22 @@ def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(synthetic, t
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == done + [done[-1] + 1]
 
 
-def test_a_second_signal_a_second_later_abandons_the_step_unsaved_and_names_the_checkpoint(synthetic, tmp_path):
-    # 800 optimisation passes make a step of seconds (9 here), so both signals reach the same step.
-    flags = training_flags(synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1", "--num-iterations", "800",
-                           "--log-completions-every", "0", reward="accuracy")
+def test_a_repeated_signal_changes_nothing_the_step_still_finishes_and_is_saved(synthetic, tmp_path):
+    # Under accelerate launch one Ctrl-C reaches a worker twice: from the terminal, and forwarded by the launcher.
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000", "--num-iterations",
+                           "100", "--log-completions-every", "0", reward="accuracy")
     run = start([sys.executable, os.path.join(HERE, "vsgrpo.py"), *flags])
     wait_for_steps(run, tmp_path / "metrics.jsonl", 1)
-    while not os.path.isdir(tmp_path / "checkpoint-000001"):           # step 2 starts once step 1 is saved
-        time.sleep(0.01)
-    time.sleep(0.5)                              # past the start of step 2, where a signal stops before the step
     os.kill(run.pid, signal.SIGINT)
-    time.sleep(1.3)                                                     # the handler ignores a repeat within 1 s
+    time.sleep(0.3)
     os.kill(run.pid, signal.SIGINT)
     code, _, err = finish(run)
-    assert code == 1 and err.strip().splitlines()[-1] == (
-        "SIGINT again: the step was abandoned, unsaved; the newest complete checkpoint is "
-        f"{tmp_path / 'checkpoint-000001'}: continue with --resume"), err[-3000:]
-    assert vsgrpo.checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-000001")]
-    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1]
+    done = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl") if "stopped" not in line]
+    assert code == 128 + signal.SIGINT and "Traceback" not in err, err[-3000:]
+    assert err.count("SIGINT: finishing this step, then saving it") == 1
+    assert f"saved {tmp_path / f'checkpoint-{done[-1]:06d}'}" in err
+    assert vsgrpo.checkpoint_problem(str(tmp_path / f"checkpoint-{done[-1]:06d}")) is None
     assert not os.path.exists(tmp_path / "run.lock")                    # released on the way out
-
-
-def test_a_signal_repeated_within_a_second_is_one_ctrl_c_and_a_later_one_abandons_the_step(capsys):
-    signals = vsgrpo.StopSignals()
-    try:
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)     # one Ctrl-C: from the terminal, and forwarded by the launcher
-        except KeyboardInterrupt:
-            pytest.fail("a repeat within milliseconds abandoned the step")
-        assert signals.received == signal.SIGINT and capsys.readouterr().err.count("SIGINT: finishing this step") == 1
-        time.sleep(1.1)
-        with pytest.raises(KeyboardInterrupt, match="SIGINT again: the step was abandoned, unsaved"):
-            os.kill(os.getpid(), signal.SIGINT)
-    finally:
-        signals.restore()
 
 
 def test_sigterm_to_two_processes_under_accelerate_launch_saves_one_agreed_step(synthetic, tmp_path):
@@ -2331,30 +2316,24 @@ def test_a_save_that_cannot_be_written_says_what_and_where_removes_its_partial_f
 
 
 @pytest.mark.parametrize("damage, problem", [
-    (lambda p: open(p / "model.safetensors", "r+b").truncate(1000), "model.safetensors has 1000 bytes, its manifest"),
-    (lambda p: open(p / "trainer" / "optimizer.pt", "r+b").write(b"\0" * 64), "optimizer.pt does not match"),
-    (lambda p: (p / "trainer" / "state.json").write_text("{"), "state.json has 1 bytes"),
-    (lambda p: os.remove(p / "manifest.json"), "has no manifest.json"),
-    (lambda p: (p / "manifest.json").write_text('{"model.safetensors": [1'), "manifest.json is damaged"),
+    (lambda p: open(p / "model.safetensors", "r+b").truncate(1000), "model.safetensors has 1000 bytes, not "),
+    (lambda p: (p / "trainer" / "state.json").write_text("{"), "state.json has 1 bytes, not "),
     (lambda p: os.remove(p / "trainer" / "optimizer.pt"), "optimizer.pt is missing"),
+    (lambda p: os.remove(p / "sizes.json"), "sizes.json is missing or damaged"),
+    (lambda p: (p / "sizes.json").write_text('{"model.safetensors": 1'), "sizes.json is missing or damaged"),
 ])
-def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_that_verifies(
-        synthetic, tmp_path, capsys, damage, problem):
-    flags = lambda out, *extra: training_flags(synthetic, out, "--max-steps", "4", "--save-every", "2",
-                                               "--log-completions-every", "0", *extra)
-    vsgrpo.main(flags(tmp_path / "whole"))
-    vsgrpo.main(flags(tmp_path / "run", "--max-steps", "3"))       # checkpoints 2 and 3
-    damage(tmp_path / "run" / "checkpoint-000003")
-    with pytest.raises(SystemExit) as stop:                         # named explicitly: refused, pointing to the good one
-        vsgrpo.main(flags(tmp_path / "run", "--resume", str(tmp_path / "run" / "checkpoint-000003")))
-    assert problem in str(stop.value.code)
-    assert f"The newest checkpoint that verifies is {tmp_path / 'run' / 'checkpoint-000002'}" in str(stop.value.code)
-    capsys.readouterr()
-    vsgrpo.main(flags(tmp_path / "run", "--resume"))
-    err = capsys.readouterr().err
-    assert problem in err and "set aside as" in err and os.path.isdir(tmp_path / "run" / "checkpoint-000003.damaged")
-    expected = [comparable(json.loads(line)) for line in open(tmp_path / "whole" / "metrics.jsonl")]
-    assert [comparable(json.loads(line)) for line in open(tmp_path / "run" / "metrics.jsonl")] == expected
+def test_resume_refuses_a_damaged_checkpoint_in_one_line_naming_the_file_and_the_newest_sound_one(
+        synthetic, tmp_path, damage, problem):
+    flags = training_flags(synthetic, tmp_path, "--max-steps", "3", "--save-every", "2", "--log-completions-every", "0")
+    vsgrpo.main(flags)                                                  # checkpoints 2 and 3
+    damage(tmp_path / "checkpoint-000003")
+    before = checkpoint_files(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        vsgrpo.main(flags + ["--resume", "--max-steps", "4"])
+    message = str(stop.value.code)
+    assert problem in message and len(message.splitlines()) == 1
+    assert message.endswith(f"move it aside to resume from the newest sound one, {tmp_path / 'checkpoint-000002'}")
+    assert checkpoint_files(tmp_path) == before                         # nothing changed, nothing set aside
 
 
 @rewards.reward("damage_videos_after_step_1")
@@ -2454,26 +2433,3 @@ def test_videos_failing_to_decode_stop_a_run_only_over_the_fraction_and_once_ten
         signals.restore()
 
 
-def test_check_data_runs_trainings_preprocessing_so_what_it_passes_trains(tmp_path, capsys):
-    vsgrpo.write_video(str(tmp_path / "videos" / "wide.mp4"), np.zeros((4, 16, 4000, 3), np.uint8))
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"question": "How many?", "ground_truth": "2", "path": "wide.mp4"}) + "\n")
-    with pytest.raises(SystemExit) as stop:
-        vsgrpo.main(["--check-data", "--data", str(rows), "--video-root", str(tmp_path / "videos"), "--num-frames", "2"])
-    assert stop.value.code == 1
-    out = capsys.readouterr().out
-    assert "1 missing or undecodable videos" in out and "aspect ratio 16x4000 is beyond Qwen2-VL's limit" in out
-
-
-def test_a_stop_right_after_resuming_into_another_directory_saves_its_checkpoint_there(synthetic, tmp_path, capsys):
-    videos = copy_dataset(synthetic, tmp_path)
-    flags = lambda out, *extra: [*training_flags(synthetic, out, "--log-completions-every", "0", *extra),
-                                 "--video-root", videos]
-    vsgrpo.main(flags(tmp_path / "a", "--max-steps", "2", "--save-every", "2"))     # b: a directory of its own
-    for name in os.listdir(os.path.join(videos, "synthetic")):                       # every video breaks
-        open(os.path.join(videos, "synthetic", name), "r+b").truncate(1500)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        vsgrpo.main(flags(tmp_path / "b", "--max-steps", "4", "--resume", str(tmp_path / "a" / "checkpoint-000002")))
-    assert stop.value.code == 1 and f"saved {tmp_path / 'b' / 'checkpoint-000002'}" in capsys.readouterr().err
-    assert vsgrpo.checkpoint_problem(str(tmp_path / "b" / "checkpoint-000002")) is None

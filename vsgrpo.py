@@ -1,110 +1,59 @@
 """vsGRPO: R1-Zero-style GRPO training of Qwen2-VL on video questions about space (arXiv 2504.00883).
 
-Part I, the method, follows the paper's section 3.2: flags, LoRA, the model and its video features, log-probs,
-the rollout (G completions per question, rewards, advantages), Eq. 1, the optimisation step and train(). The
-tools (bookkeeping, checkpoints, evaluation, demo, benchmark, main) follow under a banner of their own:
+Part I, the method, follows the paper's section 3.2, up to train(), whose set-up sits in sight of its step
+loop. Below a banner, the tools keep the run's books and hold evaluation, the demo, the benchmark and main:
 
-  accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data "vsi100k/*.json" --video-root scannet
+    accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data "vsi100k/*.json" --video-root scannet
 """
-import argparse
-import fcntl
-import hashlib
-import json
-import logging
 import math
-import os
-import re
-import shutil
-import signal
-import sys
-import time
-from collections import Counter
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass
 
-import av
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.tracking import get_available_trackers
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
-from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import (AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import logging as transformers_logging
 
-from data import (DECODED, NUMERIC_TYPES, PROMPTS, DataError, batch_indices, benchmark_prompt, check_videos,
-                  expand_paths, load_batch, load_samples, load_video, prompt_ids, question_text, read_rows)
-from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score, benchmark_score,
-                     clean_prediction, extract_answer, no_video_baseline, score_completions, task_scores)
+from data import DataError, prompt_ids, question_text
+from rewards import score_completions
 
 
-# ============================================================================ 1. the method's flags
-def method_flags(parser: argparse.ArgumentParser) -> None:
-    """The method's settings, each with its source: "paper" is 2504.00883; "open recipes" are the open
-    video-GRPO recipes for Qwen2-VL, for what the paper leaves out; "our choice" where neither says."""
-    a = parser.add_argument_group("the method").add_argument
-    a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub name or local path (paper: Qwen2-VL-2B/7B-Instruct)")
-    a("--data", nargs="+", help="training rows: JSON or JSONL files or globs (paper: VSI-100k)")
-    a("--video-root", default=".", help="directory the rows' video paths are relative to")
-    a("--prompt-mode", choices=list(PROMPTS), default="vanilla", help="paper's best model, vsGRPO-V: vanilla")
-    a("--num-frames", type=int, default=16, help="frames per video (open recipes: 16)")
-    a("--max-pixels", type=int, default=128 * 28 * 28, help="per-frame pixel budget (open recipes: 128*28*28)")
-    a("--rewards", nargs="+", choices=sorted(REWARDS), help="default: accuracy, plus format outside vanilla mode")
-    a("--reward-weights", nargs="+", type=float, help="one per reward (default: all 1)")
-    a("--num-generations", "-G", type=int, default=14, help="completions per question G (paper: 14)")
-    a("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
-    a("--max-completion-length", type=int, default=512, help="new tokens per completion (open recipes: 512-1024)")
-    a("--beta", type=float, default=1e-4, help="KL coefficient (paper: 1e-4; 0 skips the reference pass)")
-    a("--clip-eps", type=float, default=0.2, help="ratio clip epsilon (PPO and GRPO's usual 0.2; paper silent)")
-    a("--num-iterations", type=int, default=1, help="optimisation passes mu over each rollout batch (GRPO)")
-    a("--loss-aggregation", choices=["sequence", "token"], default="sequence",
-      help="sequence: Eq. 1's 1/G sum_i 1/|o_i| sum_t; token: every token of a step weighs the same")
-    a("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 for 2B, 5e-6 for 7B (constant: no schedule)")
-    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (our choice)")
-    a("--batch-size", type=int, default=1, help="questions per process per step (our choice)")
-    a("--micro-batch-size", type=int, default=14, help="completions per forward, behind their prompt (ours)")
-    a("--max-steps", type=int, default=0, help="optimisation steps (0 = one pass over the data)")
-    a("--lora-rank", type=int, default=64, help="0: full fine-tuning of the language model (paper: LoRA, rank unsaid)")
-    a("--lora-alpha", type=float, default=128, help="LoRA scale is alpha / rank (our choice)")
-    a("--gradient-checkpointing", action="store_true", help="trade compute for memory (open recipes use it)")
-    a("--seed", type=int, default=0, help="seeds LoRA initialisation, data order and sampling")
-
-
-# ============================================================================ 2. LoRA
+# ======================================== 1. LoRA
 class LoRALinear(nn.Linear):
     """W x + b + (alpha / r) B A x, with B = 0 at the start so training starts at the base model."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same frozen tensors, not copies
-        # float32 even over bf16 weights: AdamW moves an entry by ~lr (1e-5) a step, which bf16 would round away.
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=torch.float32, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=base.weight.device))
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight  # the same frozen tensors, not copies
+        self.bias = base.bias
+        # float32 over bf16 weights too: AdamW moves an entry by ~lr (1e-5) a step, which bf16 rounds away.
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        self.scale, self.enabled = alpha / rank, True
+        self.scale = alpha / rank
+        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if self.enabled:
-            out = out + (F.linear(F.linear(x.float(), self.lora_A), self.lora_B) * self.scale).to(out.dtype)
+            update = F.linear(F.linear(x.float(), self.lora_A), self.lora_B) * self.scale
+            out = out + update.to(out.dtype)
         return out
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def add_lora(language_model: nn.Module, rank: int, alpha: float) -> None:
     """Replace the attention and MLP projections of every decoder layer with LoRA layers."""
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for module in list(language_model.modules()):
         for name, child in list(module.named_children()):
-            if name in LORA_TARGETS and isinstance(child, nn.Linear):
+            if name in targets and isinstance(child, nn.Linear):
                 setattr(module, name, LoRALinear(child, rank, alpha))
 
 
@@ -121,14 +70,19 @@ def lora_disabled(model: nn.Module):
             layer.enabled = True
 
 
-# ============================================================================ 3. model, batch and video features
+# ======================================== 2. model and video features
 def load_model(args, device: torch.device, training: bool = True):
-    """Policy pi_theta (with LoRA adapters unless --lora-rank 0) and its tokenizer. bf16 on a GPU, except for full
-    fine-tuning: AdamW's steps of ~lr would round away in bf16 weights (LoRA keeps its adapters float32)."""
-    dtype = torch.bfloat16 if device.type == "cuda" and (args.lora_rank > 0 or not training) else torch.float32
+    """Policy pi_theta (LoRA adapters unless --lora-rank 0) and tokenizer; bf16 on a GPU, but float32 to
+    train all weights: AdamW's steps of ~lr would round away in bf16."""
+    full_fine_tuning = training and args.lora_rank == 0
+    dtype = torch.bfloat16 if device.type == "cuda" and not full_fine_tuning else torch.float32
     # sdpa, transformers' default: flash_attention_2 takes no 4-D mask, and eager adds a boolean one.
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        args.model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code).to(device)
+    try:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            args.model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code)
+    except OSError as e:  # no checkpoint at that path, or no hub to give it: one line, naming the flag
+        raise DataError(f"--model {args.model}: {str(e).splitlines()[0]}") from None
+    model = model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model.requires_grad_(False)
     # The vision tower stays frozen in both modes, as with the paper's LoRA on the language model.
@@ -137,46 +91,55 @@ def load_model(args, device: torch.device, training: bool = True):
     else:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
-    if args.gradient_checkpointing:  # renamed in transformers 5.x, which warns under the old name; same argument
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
     return model, tokenizer
+
+
+def unwrapped(model):  # the Qwen2-VL inside the DDP wrapper that accelerator.prepare may add
+    return getattr(model, "module", model)
 
 
 @dataclass
 class Batch:
     """B questions, prompts left-padded (generation appends on the right)."""
     samples: list[dict]
-    input_ids: torch.Tensor         # [B, P]
-    attention_mask: torch.Tensor    # [B, P]
+    input_ids: torch.Tensor           # [B, P]
+    attention_mask: torch.Tensor      # [B, P]
     pixel_values: list[torch.Tensor]  # B x [t*h*w, 3*2*14*14]
-    video_grid_thw: torch.Tensor    # [B, 3]
+    video_grid_thw: torch.Tensor      # [B, 3]
     video_features: list[torch.Tensor] | None = None  # B x [t*h*w/4, D], once encode_videos has run
 
 
-def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, video_token_id: int, device) -> Batch:
+def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, video_token_id: int,
+            device) -> Batch:
     prompts = [prompt_ids(tokenizer, text, thw, video_token_id) for text, (_, thw) in zip(texts, videos)]
-    length, pad = max(map(len, prompts)), tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return Batch(samples, input_ids, attention_mask, [pv.to(device) for pv, _ in videos],
+    length = max(len(p) for p in prompts)
+    padding = [length - len(p) for p in prompts]
+    input_ids = [[tokenizer.pad_token_id] * pad + p for pad, p in zip(padding, prompts)]
+    attention_mask = [[0] * pad + [1] * len(p) for pad, p in zip(padding, prompts)]
+    return Batch(samples, torch.tensor(input_ids, device=device), torch.tensor(attention_mask, device=device),
+                 [pixels.to(device) for pixels, _ in videos],
                  torch.stack([thw for _, thw in videos]).to(device))
 
 
-def video_token_types(input_ids: torch.Tensor, model) -> torch.Tensor:  # mm_token_type_ids: 2 on video tokens
-    return (2 * (input_ids == inner(model).config.video_token_id)).int()
+def video_token_types(input_ids: torch.Tensor, model) -> torch.Tensor:
+    """mm_token_type_ids, which transformers 5 needs with every video input: 2 on video tokens, else 0."""
+    return (2 * (input_ids == unwrapped(model).config.video_token_id)).int()
 
 
-# The vision tower is frozen: the features each pass of a step needs (sampling, pi_old, pi_ref, pi_theta) are fixed.
 @torch.no_grad()
 def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
-    """Each distinct video of the batch through the vision tower and merger, once: B x [t*h*w/4, D].
-    Questions about the same video (VSI-100k asks many per scene) share its features."""
-    if any(p.requires_grad for p in inner(model).model.visual.parameters()):  # a fork that trains the tower
-        raise RuntimeError("a trainable vision tower changes its features within a step: use --straightforward")
+    """Each distinct video of the batch through the frozen vision tower and merger, once: B x [t*h*w/4, D].
+    Every pass of the step (sampling, pi_old, pi_ref, pi_theta) takes these features, and questions about
+    the same video (VSI-100k asks many per scene) share them."""
+    qwen = unwrapped(model).model
+    if any(p.requires_grad for p in qwen.visual.parameters()):  # a fork that trains the tower
+        raise RuntimeError("a trainable vision tower changes its features in a step: use --straightforward")
     videos = [s["video"] for s in batch.samples]
-    first = [videos.index(video) for video in dict.fromkeys(videos)]  # each distinct video at its first question
-    encoded = inner(model).model.get_video_features(torch.cat([batch.pixel_values[i] for i in first]),
-                                                    batch.video_grid_thw[first]).pooler_output
+    first = [videos.index(video) for video in dict.fromkeys(videos)]  # each distinct video's first question
+    pixels = torch.cat([batch.pixel_values[i] for i in first])
+    encoded = qwen.get_video_features(pixels, batch.video_grid_thw[first]).pooler_output
     features = dict(zip((videos[i] for i in first), encoded))
     return [features[video] for video in videos]
 
@@ -185,7 +148,8 @@ def video_inputs(batch: Batch, questions: list[int]) -> dict:
     """The videos of `questions`, in order: their features if encoded this step, else their pixels."""
     grid = batch.video_grid_thw[questions]  # the 3-D rotary positions need it either way
     if batch.video_features is None:  # --straightforward: the model encodes every copy itself
-        return dict(pixel_values_videos=torch.cat([batch.pixel_values[q] for q in questions]), video_grid_thw=grid)
+        pixels = torch.cat([batch.pixel_values[q] for q in questions])
+        return dict(pixel_values_videos=pixels, video_grid_thw=grid)
     # A new output object per call: generate() expands it for its G copies in place.
     features = BaseModelOutputWithPooling(pooler_output=tuple(batch.video_features[q] for q in questions))
     return dict(mm_encoder_outputs={"video": features}, video_grid_thw=grid)
@@ -194,62 +158,105 @@ def video_inputs(batch: Batch, questions: list[int]) -> dict:
 def banned_token_ids(model) -> list[int]:
     # A sampled video or image placeholder would break the next forward (features and placeholders no
     # longer match): sampling suppresses them and token_logps masks them, so both see one distribution.
-    return [inner(model).config.video_token_id, inner(model).config.image_token_id]
+    config = unwrapped(model).config
+    return [config.video_token_id, config.image_token_id]
 
 
-# ============================================================================ 4. log-probs
-# A question's G completions share its prompt: ~1,000 video and question tokens at 16 frames, against
-# a few dozen per answer. So a forward packs k completions behind one copy of the prompt, [prompt, o_1,
-# ..., o_k]. A 4-D mask lets each see the prompt and its own earlier tokens only, and each takes the
-# positions after the prompt: every log-prob is the one a separate [prompt, o_i] sequence would give.
+# ======================================== 3. log-probs
+def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.Tensor:
+    """log-probs [n, C] of `ids` under logits [n, C, V] / temperature, banned tokens masked: as sampled."""
+    banned = torch.tensor(banned_token_ids(model), device=logits.device)
+    logits = (logits.float() / args.temperature).index_fill(-1, banned, float("-inf"))   # [n, C, V]
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def straightforward_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor,
+                          rows: torch.Tensor, args) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) as a plain implementation computes it: each completion after its own copy of
+    the left-padded prompt and video, positions left to the model: [n, C]."""
+    questions = rows // args.num_generations
+    input_ids = torch.cat([batch.input_ids[questions], completion_ids[rows]], 1)               # [n, P + C]
+    attention_mask = torch.cat([batch.attention_mask[questions], mask[rows]], 1)               # [n, P + C]
+    C = completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   mm_token_type_ids=video_token_types(input_ids, model), use_cache=False,
+                   logits_to_keep=C + 1, **video_inputs(batch, questions.tolist())).logits    # [n, C + 1, V]
+    return token_logps(logits[:, :-1], completion_ids[rows], model, args)
+
+
+# The shared prompt. A question's G completions share its prompt: ~1,000 video and question tokens at 16
+# frames, against a few dozen per answer. So the default path packs k completions behind one copy of the
+# prompt, [prompt, o_1, ..., o_k]. A 4-D mask lets each completion see the prompt and its own earlier
+# tokens only, and each takes the positions after the prompt: every log-prob is the one a separate
+# [prompt, o_i] sequence gives (tested against straightforward_logps above).
 def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch.Tensor, G: int) -> dict:
     """Model inputs of one forward: per question of `rows`, one sequence [prompt, its completions] (the
     batch's own padding dropped), left-padded to a common length L so that all end with their completions."""
-    ids, positions, parts, questions = [], [], [], (rows // G).unique().tolist()
+    qwen = unwrapped(model)
+    questions = (rows // G).unique().tolist()
+    sequences, positions, parts = [], [], []
     for q in questions:
-        prompt, answers = batch.input_ids[q][batch.attention_mask[q].bool()], completion_ids[rows[rows // G == q]]
-        (k, C), P = answers.shape, len(prompt)                                                   # answers [k, C]
-        ids.append(torch.cat([prompt, answers.flatten()]))                                       # [P + k*C]
-        alone = ids[-1][None, :P + C]                                                            # [prompt, o_1]
-        position, _ = inner(model).model.get_rope_index(alone, video_token_types(alone, model),  # [3, 1, P + C]
-                                                        video_grid_thw=batch.video_grid_thw[[q]])
-        positions.append(torch.cat([position[..., :P], position[..., P:].repeat(1, 1, k)], -1)[:, 0])
-        parts.append(torch.cat([torch.zeros(P), torch.arange(1, k + 1).repeat_interleave(C)]).to(prompt.device))
-    left = lambda x, value: F.pad(x, (max(map(len, ids)) - x.shape[-1], 0), value=value)
-    input_ids, part = torch.stack([left(x, 0) for x in ids]), torch.stack([left(x, -1) for x in parts])  # [n, L]
-    order = torch.arange(part.shape[1], device=part.device)                # part: 0 prompt, j o_j, -1 padding
-    sees = (order[None] <= order[:, None]) & ((part[:, None] == 0) | (part[:, None] == part[:, :, None]))  # [n, L, L]
-    # Additive, not boolean: eager attention adds the mask, so a boolean one would be silently wrong there.
-    mask = torch.zeros(sees.shape, dtype=inner(model).dtype, device=sees.device).masked_fill(~sees, -torch.inf)
-    return dict(input_ids=input_ids, position_ids=torch.stack([left(x, 0) for x in positions], 1),  # [3, n, L]
-                attention_mask=mask[:, None], mm_token_type_ids=video_token_types(input_ids, model),
+        prompt = batch.input_ids[q][batch.attention_mask[q].bool()]                       # [P]
+        answers = completion_ids[rows[rows // G == q]]                                     # [k, C]
+        k, C = answers.shape
+        P = len(prompt)
+        sequence = torch.cat([prompt, answers.flatten()])                                  # [P + k*C]
+        alone = sequence[None, :P + C]                                                     # [1, P + C]
+        position, _ = qwen.model.get_rope_index(alone, video_token_types(alone, model),
+                                                video_grid_thw=batch.video_grid_thw[[q]])  # [3, 1, P + C]
+        # Every completion takes the positions o_1 takes after the prompt.
+        completions_at = position[:, 0, P:].repeat(1, k)                                   # [3, k*C]
+        sequences.append(sequence)
+        positions.append(torch.cat([position[:, 0, :P], completions_at], 1))              # [3, P + k*C]
+        # Which part each token is: 0 the prompt, j the completion o_j.
+        parts.append(torch.arange(k + 1, device=prompt.device).repeat_interleave(
+            torch.tensor([P] + [C] * k, device=prompt.device)))                            # [P + k*C]
+    L = max(len(s) for s in sequences)
+    input_ids = torch.stack([left_pad(s, L, 0) for s in sequences])                        # [n, L]
+    part = torch.stack([left_pad(p, L, -1) for p in parts])                                # [n, L]
+    return dict(input_ids=input_ids,
+                position_ids=torch.stack([left_pad(p, L, 0) for p in positions], 1),       # [3, n, L]
+                attention_mask=packed_attention_mask(part, qwen.dtype),                    # [n, 1, L, L]
+                mm_token_type_ids=video_token_types(input_ids, model),
                 **video_inputs(batch, questions))
 
 
-def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-                     args) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) of each token of completions `rows`, k of each question, WITH the video: [n, C]."""
-    if batch.video_features is None:  # --straightforward: each completion with its own copy of prompt and video
+def left_pad(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return F.pad(x, (length - x.shape[-1], 0), value=value)
+
+
+def packed_attention_mask(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[n, L] parts (0 prompt, j completion o_j, -1 padding) -> an additive mask [n, 1, L, L]: query i
+    sees key j <= i of the prompt or of its own part. A padding query sees itself, so no row is empty."""
+    order = torch.arange(part.shape[1], device=part.device)
+    causal = order[None, :] <= order[:, None]                                              # [L, L]
+    key_in_prompt = part[:, None, :] == 0                                                  # [n, 1, L]
+    same_part = part[:, None, :] == part[:, :, None]                                       # [n, L, L]
+    sees = causal & (key_in_prompt | same_part)                                            # [n, L, L]
+    # Additive, not boolean: eager attention adds the mask, so a boolean one would be silently wrong there.
+    mask = torch.zeros(sees.shape, dtype=dtype, device=part.device).masked_fill(~sees, -torch.inf)
+    return mask[:, None]
+
+
+def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor,
+                     rows: torch.Tensor, args) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) of each token of completions `rows`, k per question, with the video: [n, C]."""
+    if batch.video_features is None:  # --straightforward
         return straightforward_logps(model, batch, completion_ids, mask, rows, args)
     n, C = completion_ids[rows].shape
     k = n // len((rows // args.num_generations).unique())
-    logits = model(**packed_inputs(model, batch, completion_ids, rows, args.num_generations), use_cache=False,
-                   logits_to_keep=k * C + 1).logits                                              # [n/k, 1 + k*C, V]
+    inputs = packed_inputs(model, batch, completion_ids, rows, args.num_generations)
+    logits = model(**inputs, use_cache=False, logits_to_keep=k * C + 1).logits             # [n/k, 1 + k*C, V]
     # o_j's token t is predicted at the prompt's last position (t = 0), else at o_j's token t - 1.
-    at = torch.arange(C, device=logits.device) + C * torch.arange(k, device=logits.device)[:, None]
-    return token_logps(logits[:, at.masked_fill(at % C == 0, 0)].flatten(0, 1), completion_ids[rows], model, args)
-
-
-def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.Tensor:
-    """log-probs [n, C] of `ids` under logits [n, C, V] / temperature, banned tokens masked: as they were sampled."""
-    logits = (logits.float() / args.temperature).index_fill(
-        -1, torch.tensor(banned_token_ids(model), device=logits.device), float("-inf"))
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    at = torch.arange(C, device=logits.device) + C * torch.arange(k, device=logits.device)[:, None]  # [k, C]
+    at = at.masked_fill(at % C == 0, 0)
+    return token_logps(logits[:, at].flatten(0, 1), completion_ids[rows], model, args)
 
 
 def micro_batches(num_questions: int, args) -> list[torch.Tensor]:
     """The rows of each forward: --micro-batch-size completions, whole questions when it is G or more."""
-    G, size = args.num_generations, args.micro_batch_size
+    G = args.num_generations
+    size = args.micro_batch_size
     if size >= G:
         return list(torch.arange(num_questions * G).split(size // G * G))
     return [rows for q in range(num_questions) for rows in torch.arange(q * G, (q + 1) * G).split(size)]
@@ -258,82 +265,100 @@ def micro_batches(num_questions: int, args) -> list[torch.Tensor]:
 @torch.no_grad()
 def logps_of_all(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor, args) -> torch.Tensor:
     """completion_logps of every completion, a micro-batch at a time: [B*G, C]."""
-    return torch.cat([completion_logps(model, batch, completion_ids, mask, rows.to(completion_ids.device), args)
-                      for rows in micro_batches(len(batch.samples), args)])
+    chunks = [rows.to(completion_ids.device) for rows in micro_batches(len(batch.samples), args)]
+    return torch.cat([completion_logps(model, batch, completion_ids, mask, rows, args) for rows in chunks])
 
 
-# ============================================================================ 5. the rollout
+# ======================================== 4. the rollout
 @dataclass
 class Rollout:
     """G completions of each of B questions: sequence i answers question i // G."""
     batch: Batch
-    completion_ids: torch.Tensor    # [B*G, C]
-    completion_mask: torch.Tensor   # [B*G, C]: 1 up to and including the first EOS
-    truncated: torch.Tensor         # [B*G]: no EOS within --max-completion-length
+    completion_ids: torch.Tensor      # [B*G, C]
+    completion_mask: torch.Tensor     # [B*G, C]: 1 up to and including the first EOS
+    truncated: torch.Tensor           # [B*G]: no EOS within --max-completion-length
     completions: list[str]
     rewards: dict[str, torch.Tensor]  # reward name -> [B*G]
-    advantages: torch.Tensor        # [B*G]
-    old_logps: torch.Tensor | None  # [B*G, C], pi_old; None when mu = 1 (then pi_old = pi_theta)
-    ref_logps: torch.Tensor | None  # [B*G, C], pi_ref; None when beta = 0
+    advantages: torch.Tensor          # [B*G]
+    old_logps: torch.Tensor | None    # [B*G, C], pi_old; None when mu = 1 (then pi_old = pi_theta)
+    ref_logps: torch.Tensor | None    # [B*G, C], pi_ref; None when beta = 0
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """What ends a completion: the generation config's EOS ids and the tokenizer's."""
+    ids = unwrapped(model).generation_config.eos_token_id
+    return sorted({*(ids if isinstance(ids, list) else [ids]), tokenizer.eos_token_id} - {None})
 
 
 def generation_config(model, tokenizer, max_new_tokens: int, num_return_sequences: int = 1,
                       temperature: float | None = None) -> GenerationConfig:
     """Sampling from the policy itself at `temperature` (no top-k, no top-p), or greedy when it is None."""
-    # Every field that shapes it is set: generate() fills unset ones from the checkpoint (Qwen2-VL: top_k=1 ...).
-    mode = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {"do_sample": False}
+    # Every field that shapes it is set: generate() fills unset ones from the checkpoint (Qwen2-VL: top_k=1).
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    mode = sampling if temperature else dict(do_sample=False)
     return GenerationConfig(**mode, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                            num_return_sequences=num_return_sequences, eos_token_id=eos_token_ids(model, tokenizer),
-                            pad_token_id=tokenizer.pad_token_id, suppress_tokens=banned_token_ids(model))
+                            num_return_sequences=num_return_sequences,
+                            eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            suppress_tokens=banned_token_ids(model))
 
 
 @torch.no_grad()
 def generate(model, batch: Batch, config: GenerationConfig) -> torch.Tensor:
     """Completions, question-major (q0 x G, q1 x G, ...): [B*G, C]. Each prompt is prefilled once, and
     its G continuations are sampled from copies of that state."""
-    G, types, videos = config.num_return_sequences, video_token_types(batch.input_ids, model), range(len(batch.samples))
+    G = config.num_return_sequences
+    P = batch.input_ids.shape[1]
+    questions = list(range(len(batch.samples)))
+    types = video_token_types(batch.input_ids, model)                                      # [B, P]
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=types)
-    if G > 1 and batch.video_features is not None:  # else one answer each, or --straightforward
-        positions, deltas = model.model.get_rope_index(batch.input_ids, types, video_grid_thw=batch.video_grid_thw,
-                                                       attention_mask=batch.attention_mask)  # [3, B, P], [B, 1]
-        cache = model(**{k: v[:, :-1] for k, v in inputs.items()}, position_ids=positions[..., :-1], use_cache=True,
-                      logits_to_keep=1, **video_inputs(batch, list(videos))).past_key_values  # all but the last token
-        cache.batch_repeat_interleave(G)
-        # generate() continues from the cache; each copy's rotary offset is set explicitly, since the
-        # model keeps it from its last call (here the prefill of B rows, not B*G).
-        model.model.rope_deltas = deltas.repeat_interleave(G, 0)
-        inputs = {k: v.repeat_interleave(G, 0) for k, v in inputs.items()} | dict(past_key_values=cache)
-        config = GenerationConfig(**{**config.to_dict(), "num_return_sequences": 1})
-    else:
-        inputs |= video_inputs(batch, list(videos))
-    return model.generate(**inputs, generation_config=config)[:, batch.input_ids.shape[1]:]
+    if G == 1 or batch.video_features is None:  # one answer each (evaluation), or --straightforward
+        return model.generate(**inputs, **video_inputs(batch, questions), generation_config=config)[:, P:]
+    # The prompts' 3-D positions [3, B, P], and the offsets [B, 1] their videos leave (see below).
+    positions, deltas = model.model.get_rope_index(
+        batch.input_ids, types, video_grid_thw=batch.video_grid_thw, attention_mask=batch.attention_mask)
+    # Prefill all but each prompt's last token, which generate() feeds itself; then copy the cache G times.
+    prefix = {name: value[:, :-1] for name, value in inputs.items()}                       # each [B, P - 1]
+    cache = model(**prefix, position_ids=positions[..., :-1], use_cache=True, logits_to_keep=1,
+                  **video_inputs(batch, questions)).cache
+    cache.batch_repeat_interleave(G)                                                       # B*G rows
+    # With a filled cache, Qwen2-VL places each new token at its index plus model.model.rope_deltas, the
+    # offset that the video's 3-D positions leave ([rows, 1]), kept from the last call that computed
+    # positions (transformers' Qwen2VLForConditionalGeneration._prepare_position_ids_for_generation).
+    # Our prefill passed its positions itself, so the offsets are set here, one per copy.
+    model.model.rope_deltas = deltas.repeat_interleave(G, 0)                               # [B*G, 1]
+    copies = {name: value.repeat_interleave(G, 0) for name, value in inputs.items()}       # each [B*G, P]
+    one_each = GenerationConfig(**{**config.to_dict(), "num_return_sequences": 1})
+    return model.generate(**copies, cache=cache, generation_config=one_each)[:, P:]
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [n, C]: 1 up to and including the first EOS, found by position so that it counts even when
     pad == EOS; truncated [n]: True where no EOS came within the length limit)."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # [n, C]
-    length, ended = completion_ids.shape[1], is_eos.any(1)
-    first_eos = torch.where(ended, is_eos.int().argmax(1), length)                           # [n]
-    return (torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]).long(), ~ended
+    length = completion_ids.shape[1]
+    ended = is_eos.any(1)                                                                  # [n]
+    first_eos = torch.where(ended, is_eos.int().argmax(1), length)                         # [n]
+    mask = torch.arange(length, device=completion_ids.device)[None] <= first_eos[:, None]   # [n, C]
+    return mask.long(), ~ended
 
 
 def decode(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return tokenizer.batch_decode([ids[:n] for ids, n in zip(completion_ids.tolist(), mask.sum(1).tolist())],
-                                  skip_special_tokens=True)  # each up to its first EOS
+    """Each completion's text up to its first EOS."""
+    texts = [ids[:n] for ids, n in zip(completion_ids.tolist(), mask.sum(1).tolist())]
+    return tokenizer.batch_decode(texts, skip_special_tokens=True)
 
 
 def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """[B*G] -> [B]: True for a group whose rewards are all equal (it carries no signal)."""
-    groups = rewards.view(-1, group_size)                                    # [B, G]
+    groups = rewards.view(-1, group_size)                                                  # [B, G]
     # Compared as values: float32 rewards such as 0.7 leave a std of ~1e-7, not 0.
     return (groups == groups[:, :1]).all(1)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4): [B*G] -> [B*G]; exactly 0 for an all-equal group.
-    std is the sample std, as in TRL's GRPO, which vsGRPO built on; the 1e-4 keeps the division finite."""
-    groups = rewards.view(-1, group_size)                                    # [B, G]
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4): [B*G] -> [B*G]; exactly 0 for an all-equal
+    group. std is the sample std, as in TRL's GRPO, which vsGRPO built on; 1e-4 keeps it finite."""
+    groups = rewards.view(-1, group_size)                                                  # [B, G]
     advantages = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)
     return torch.where(equal_reward_groups(rewards, group_size)[:, None], 0.0, advantages).view(-1)
 
@@ -341,29 +366,32 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
     """Sample G completions per question, score them, and compute A, pi_old and pi_ref."""
     policy.eval()
+    G = args.num_generations
     with timed("vision"):
         batch.video_features = None if args.straightforward else encode_videos(policy, batch)
     with timed("generation"):
-        config = generation_config(policy, tokenizer, args.max_completion_length, args.num_generations,
-                                   args.temperature)
-        completion_ids = generate(policy, batch, config)                      # [B*G, C]
+        config = generation_config(policy, tokenizer, args.max_completion_length, G, args.temperature)
+        completion_ids = generate(policy, batch, config)                                   # [B*G, C]
         mask, truncated = completion_mask(completion_ids, config.eos_token_id)
     with timed("scoring"):
         completions = decode(tokenizer, completion_ids, mask)
-        samples = [s for s in batch.samples for _ in range(args.num_generations)]
-        rewards = {name: torch.tensor(values, device=completion_ids.device) for name, values in
-                   score_completions(completions, samples, args.rewards, args.reward_weights).items()}
-        advantages = group_advantages(rewards["total"], args.num_generations)
+        samples = [s for s in batch.samples for _ in range(G)]
+        scores = score_completions(completions, samples, args.rewards, args.reward_weights)
+        rewards = {name: torch.tensor(value, device=completion_ids.device) for name, value in scores.items()}
+        advantages = group_advantages(rewards["total"], G)                                 # [B*G]
     with timed("logprob_passes"):
-        old_logps = logps_of_all(policy, batch, completion_ids, mask, args) if args.num_iterations > 1 else None
+        old_logps = None  # pi_old is pi_theta at mu = 1
+        if args.num_iterations > 1:
+            old_logps = logps_of_all(policy, batch, completion_ids, mask, args)
         ref_logps = None
         if args.beta > 0:  # pi_ref: the frozen copy under full fine-tuning, else the policy without adapters
             with lora_disabled(policy) if ref_model is None else nullcontext():
                 ref_logps = logps_of_all(ref_model or policy, batch, completion_ids, mask, args)
-    return Rollout(batch, completion_ids, mask, truncated, completions, rewards, advantages, old_logps, ref_logps)
+    return Rollout(batch, completion_ids, mask, truncated, completions, rewards, advantages, old_logps,
+                   ref_logps)
 
 
-# ============================================================================ 6. the objective (Eq. 1)
+# ======================================== 5. the objective (Eq. 1)
 # GRPO (DeepSeekMath, arXiv 2402.03300), as vsGRPO trains it. For question q with completions o_1..o_G:
 #
 #   J(theta) = 1/G sum_i 1/|o_i| sum_t [ min( rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i ) - beta KL_it ]
@@ -373,9 +401,9 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
 #
 # We minimise -J. The per-token part is grpo_token_loss; the 1/G sum_i 1/|o_i| sum_t is aggregate_loss.
 def grpo_token_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: float, beta: float):
-    """-(clipped surrogate - beta * KL) per token, 0 at padding: [n, C]; also the KL [n, C] and where the clip
-    bites. Padding is selected away (where), never multiplied by 0: an inf or NaN the model computed there
-    would survive a product, in the loss or in exp's gradient."""
+    """-(clipped surrogate - beta * KL) per token, 0 at padding: [n, C]; also the KL [n, C] and where the
+    clip bites. Padding is selected away (where), never multiplied by 0: an inf or NaN the model computed
+    there would survive a product, in the loss or in exp's gradient."""
     real = mask.bool()                                                       # [n, C]
     ratio = torch.exp(torch.where(real, logps - old_logps, 0.0))             # rho, [n, C]
     advantage = advantages.unsqueeze(1)                                      # A, [n, 1]
@@ -385,46 +413,48 @@ def grpo_token_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: flo
     if ref_logps is None:                                                    # beta = 0: no reference pass
         kl = torch.zeros_like(logps)
     else:
-        log_ratio = torch.where(real, ref_logps - logps, 0.0)               # log(pi_ref / pi_theta)
+        log_ratio = torch.where(real, ref_logps - logps, 0.0)                # log(pi_ref / pi_theta)
         kl = torch.exp(log_ratio) - log_ratio - 1
     return torch.where(real, -(surrogate - beta * kl), 0.0), kl, (clipped < unclipped) & real
 
 
 def aggregate_loss(token_loss, mask, aggregation: str, num_sequences: int, num_tokens: float) -> torch.Tensor:
-    """This micro-batch's share of the step's loss (the shares of all micro-batches add up to it). sequence
-    (Eq. 1): mean over each completion's tokens, then over completions, so short completions weigh more per
-    token; token: every token of the step weighs the same."""
+    """This micro-batch's share of the step's loss (the shares of all micro-batches add up to it).
+    sequence (Eq. 1): mean over each completion's tokens, then over completions, so short completions
+    weigh more per token; token: every token of the step weighs the same."""
     if aggregation == "sequence":
         return (token_loss.sum(1) / mask.sum(1)).sum() / num_sequences
     return token_loss.sum() / num_tokens
 
 
-# ============================================================================ 7. the optimisation step
+# ======================================== 6. the optimisation step
 def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     """mu optimiser steps on one rollout batch, gradients accumulated over micro-batches."""
     policy.train()  # only switches gradient checkpointing on: Qwen2-VL and our LoRA have no dropout
-    num_sequences, num_tokens = len(ro.completion_ids), int(ro.completion_mask.sum())
+    num_sequences = len(ro.completion_ids)
+    num_tokens = int(ro.completion_mask.sum())
     # DDP averages gradients over W processes: each divides by the step's token count / W, not by its own.
     step_tokens = accelerator.reduce(ro.completion_mask.sum(), "sum").item() / accelerator.num_processes
     chunks = [rows.to(ro.completion_ids.device) for rows in micro_batches(len(ro.batch.samples), args)]
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     stats = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
     for _ in range(args.num_iterations):
         for i, rows in enumerate(chunks):
             mask = ro.completion_mask[rows]                                  # [n, C]
-            with accelerator.no_sync(model) if i < len(chunks) - 1 else nullcontext():  # all-reduce once, at the last
+            last = i == len(chunks) - 1
+            with nullcontext() if last else accelerator.no_sync(model):     # all-reduce once, at the last
                 logps = completion_logps(model, ro.batch, ro.completion_ids, ro.completion_mask, rows, args)
                 old_logps = logps.detach() if ro.old_logps is None else ro.old_logps[rows]
                 ref_logps = None if ro.ref_logps is None else ro.ref_logps[rows]
-                token_loss, kl, clipped = grpo_token_loss(logps, old_logps, ref_logps, ro.advantages[rows], mask,
-                                                          args.clip_eps, args.beta)
+                token_loss, kl, clipped = grpo_token_loss(logps, old_logps, ref_logps, ro.advantages[rows],
+                                                          mask, args.clip_eps, args.beta)
                 loss = aggregate_loss(token_loss, mask, args.loss_aggregation, num_sequences, step_tokens)
                 accelerator.backward(loss)
             stats["loss"] += loss.item() / args.num_iterations
             stats["kl"] += kl.sum().item() / num_tokens / args.num_iterations
             stats["clip_fraction"] += clipped.sum().item() / num_tokens / args.num_iterations
         # The norm is taken after DDP's all-reduce, so every process makes the same choice.
-        stats["grad_norm"] = float(accelerator.clip_grad_norm_(
-            [p for p in policy.parameters() if p.requires_grad], args.max_grad_norm))
+        stats["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, args.max_grad_norm))
         stats["nonfinite"] = float(not math.isfinite(stats["grad_norm"]))
         if not stats["nonfinite"]:
             optimizer.step()  # AdamW without weight decay (our choice), constant learning rate
@@ -432,28 +462,75 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     return stats
 
 
-# ============================================================================ 8. training
+# ======================================== 7. training
+def reference_model(policy, args):
+    """pi_ref under full fine-tuning: a frozen copy, made only when the KL term needs it. Under LoRA, None:
+    pi_ref is the policy with its adapters off (lora_disabled)."""
+    needed = args.lora_rank == 0 and args.beta > 0
+    return deepcopy(policy).eval().requires_grad_(False) if needed else None
+
+
 def train(args) -> nn.Module:
-    """The whole run: GRPO steps over the data; returns the trained policy (unwrapped)."""
-    with Run(args) as run:  # the tools below: data, model, optimizer, output directory, resume
-        for step in range(run.start + 1, run.steps + 1):
-            with timed("video_loading"):
-                rows, videos = run.videos_for(step)
-                batch = collate(rows, [question_text(r) for r in rows], videos, run.tokenizer,
-                                run.policy.config.video_token_id, run.accelerator.device)
-            ro = rollout(run.policy, run.ref_model, batch, args, run.tokenizer)
+    """The whole run: set-up, then GRPO steps over the data; returns the trained policy (unwrapped)."""
+    # On a CPU, Accelerator() alone would pick no process group, and each process would train alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), project_dir=args.output_dir,
+                              log_with=None if args.report_to == "none" else args.report_to)
+    # The run's books (see the tools) check the rows and claim --output-dir before any model loads.
+    with RunBooks(args, accelerator) as books:
+        set_seed(args.seed)  # the same LoRA initialisation on every process
+        policy, tokenizer = load_model(args, accelerator.device)
+        ref_model = reference_model(policy, args)
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
+        model, optimizer = accelerator.prepare(policy, optimizer)  # DDP over the processes
+        set_seed(args.seed, device_specific=True)  # but different samples on each process
+        start = books.begin(policy, optimizer, tokenizer, ref_model)  # 0, or the checkpoint's step
+        for step in range(start + 1, books.steps + 1):
+            with timed("video_loading"):  # decoded in the background during the step before
+                rows, videos = books.videos_for(step)
+                batch = collate(rows, [question_text(r) for r in rows], videos, tokenizer,
+                                policy.config.video_token_id, accelerator.device)
+            ro = rollout(policy, ref_model, batch, args, tokenizer)
             with timed("optimisation"):
-                stats = optimise(run.model, run.policy, run.optimizer, run.accelerator, ro, args)
-            run.end_step(step, ro, stats)  # logs, evaluates and saves on schedule; stops safely
-    return run.policy
+                stats = optimise(model, policy, optimizer, accelerator, ro, args)
+            books.end_step(step, ro, stats)  # log; evaluate and save on schedule; stop safely
+    return policy
 
 
-# ================================================== Part II: the tools ==============================================
-# Nothing below is needed to follow a training step. It keeps the run's books, saves, resumes and stops it
-# safely, checks data, evaluates on VSI-Bench, and runs the demo and the benchmark.
+# ======================================== Part II: the tools ========================================
+# Nothing below is needed to follow a training step. train() uses two names from here: RunBooks, the run's
+# books (rows checked, --output-dir claimed, the resume point, logs, evaluation, checkpoints, safe stops),
+# and timed, the phase timer. Then VSI-Bench evaluation, synthetic data, the demo, the benchmark and main.
+# The tools' own imports stand here, so that the list at the top shows what the method needs.
+import argparse
+import fcntl
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 
-# ---------------------------------------------------------------------------- the run: set-up and books
-PHASES: dict[str, float] = {}  # seconds per phase of the current step: timed() adds, end_step() reads and clears
+import av
+import numpy as np
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import broadcast_object_list, gather_object
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
+from transformers.utils import logging as transformers_logging
+
+from data import (DECODED, PROMPTS, batch_indices, benchmark_prompt, expand_paths,
+                  load_batch, load_samples, load_video, read_rows)
+from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score,
+                     benchmark_score, clean_prediction, extract_answer, no_video_baseline, task_scores)
+
+# ---------------------------------------------------------------------------- the run's books
+PHASES: dict[str, float] = {}  # seconds per phase of the current step: timed() adds, end_step() reads
 
 
 @contextmanager
@@ -465,21 +542,208 @@ def timed(phase: str):
     PHASES[phase] = PHASES.get(phase, 0.0) + time.perf_counter() - start
 
 
-def make_accelerator(report_to: str = "none", output_dir: str | None = None) -> Accelerator:
-    # Accelerator() alone picks no process group on a CPU, so each process would train alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=None if report_to == "none" else report_to,
-                              project_dir=output_dir)  # where tensorboard writes
-    if not accelerator.is_main_process:  # one bar while the model loads, not one per process
-        transformers_logging.disable_progress_bar()
-    if accelerator.mixed_precision == "fp16":  # its loss scaler backs off only in steps the non-finite guard skips
-        raise DataError("accelerate launch --mixed_precision fp16 is not supported: Qwen2-VL, trained in bf16, "
-                        "overflows fp16 (transformers#33294). Use bf16 or no (a GPU loads the weights in bf16 anyway)")
-    return accelerator
+MAX_NONFINITE_STEPS = 3  # in a row, then the run stops (our choice)
+
+
+class RunBooks:
+    """A training run's books. Before any model loads: the rows checked, --output-dir claimed and locked,
+    the checkpoint to resume found. Then each step's videos (decoded a step ahead), its log, evaluation
+    and saves on schedule, and safe stops. It keeps references to what it saves; it builds none of it."""
+
+    def __init__(self, args, accelerator: Accelerator):
+        if accelerator.mixed_precision == "fp16":  # its loss scaler backs off only in steps we skip
+            raise DataError("accelerate launch --mixed_precision fp16 is not supported: Qwen2-VL, trained "
+                            "in bf16, overflows fp16 (transformers#33294). Use bf16 or no")
+        self.args = args
+        self.accelerator = accelerator
+        self.feed = VideoFeed(checked_samples(args), args, accelerator)
+        self.eval_rows = checked_eval_rows(args) if args.eval_every else []
+        self.steps = args.max_steps or max(1, len(self.feed.samples) // self.feed.questions_per_step)
+        self.lock = None
+        self.signals = None
+        self.resume_from = on_main_process(accelerator, self.claim_output_dir)
+
+    def claim_output_dir(self) -> str | None:
+        """Lock --output-dir, then free it for a new run, or find the checkpoint --resume goes on from."""
+        self.lock = take_lock(self.args.output_dir)
+        try:
+            if self.args.resume:
+                return checkpoint_to_resume(self.args, self.accelerator.num_processes, self.steps)
+            free_output_dir(self.args.output_dir, self.args.overwrite, resumable=True)
+        except DataError:
+            release_lock(self.lock)
+            raise
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        if self.signals:
+            self.signals.restore()
+        self.feed.close()
+        for tracker in self.accelerator.trackers:  # not end_training(): evaluation may need the processes
+            tracker.finish()
+        # Drop the accelerator's references to the DDP model while the process group lives: if DDP's
+        # destructor dropped the group's last reference, gloo could deadlock (pytorch/pytorch#56297).
+        self.accelerator.free_memory()
+        release_lock(self.lock)
+
+    def begin(self, policy, optimizer, tokenizer, ref_model) -> int:
+        """Restore a resumed run, open the logs, catch stop signals; the step to go on from (0: a new run)."""
+        args = self.args
+        self.policy = policy
+        self.optimizer = optimizer
+        self.tokenizer = tokenizer
+        self.encodings = count_video_encodings([policy, ref_model])
+        self.start = 0
+        if self.resume_from:
+            rank = self.accelerator.process_index
+            self.start = restore_checkpoint(self.resume_from, policy, optimizer, rank)
+        if self.accelerator.is_main_process:
+            keep_metrics_up_to(os.path.join(args.output_dir, "metrics.jsonl"), self.start)
+            if not self.resume_from:
+                with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                    json.dump(vars(args), f, indent=1)
+            self.accelerator.init_trackers(PROJECT, config={k: str(v) for k, v in vars(args).items()})
+            resumed = f"; resumed from {self.resume_from} at step {self.start}" if self.resume_from else ""
+            print(f"{len(self.feed.samples)} questions, {self.accelerator.num_processes} process(es), "
+                  f"{self.steps} step(s) of {self.feed.questions_per_step} question(s) x "
+                  f"G={args.num_generations}; rewards {args.rewards}{resumed}")
+        self.signals = StopSignals()
+        self.nonfinite_in_a_row = 0
+        self.started = time.perf_counter()
+        peak_memory_gb(self.accelerator.device, reset=True)
+        PHASES.clear()
+        return self.start
+
+    def videos_for(self, step: int) -> tuple[list, list]:
+        """The rows and decoded videos of `step`; first, every process agrees on any stop."""
+        self.loaded = self.feed.take(step, self.steps)
+        stop = agreed_stop(self.accelerator, self.signals, self.loaded.decoded, self.loaded.short, self.args)
+        if stop:
+            self.stop(*stop, save_step=step - 1, failed_step=step)
+        return self.loaded.rows, self.loaded.videos
+
+    def end_step(self, step: int, ro, stats: dict) -> None:
+        """Log the step, evaluate and save on schedule; stop, saved, after too many non-finite steps."""
+        args = self.args
+        accelerator = self.accelerator
+        lr = self.optimizer.param_groups[0]["lr"]
+        metrics = step_metrics(ro, args, stats, len(self.loaded.failures), lr)
+        metrics["video_encodings"] = self.encodings["videos"]
+        metrics["peak_memory_gb"] = peak_memory_gb(accelerator.device)
+        metrics = average_over_processes(accelerator, metrics)
+        # Not when the run is about to stop: a preemption's grace period covers the rest of a step and a save.
+        if args.eval_every and step % args.eval_every == 0 and not self.signalled():
+            self.feed.wait()  # evaluation decodes too, and the decoded-video cache is not shared by threads
+            predictions, _ = evaluate(self.policy, self.tokenizer, self.eval_rows, args, accelerator,
+                                      signals=self.signals)
+            if not self.signalled():  # else cut short
+                metrics["eval_avg"] = task_scores(predictions)["Avg"]
+        if accelerator.is_main_process:
+            seconds_per_step = (time.perf_counter() - self.started) / (step - self.start)
+            log_step(args, step, self.steps, metrics, seconds_per_step)
+            accelerator.log(metrics, step=step)
+            if args.log_completions_every and step % args.log_completions_every == 0:
+                print_completions(ro, args)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if stats["nonfinite"] else 0
+        if self.nonfinite_in_a_row:
+            warn(f"step {step} skipped: non-finite loss or gradient")
+        if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:  # updates skipped: these are the last good weights
+            why = f"stopped: {MAX_NONFINITE_STEPS} steps in a row had a non-finite loss or gradient"
+            self.stop(why, 1, step)
+        if args.save_every and (step % args.save_every == 0 or step == self.steps):
+            saving = time.perf_counter()
+            path = self.save(step)
+            if accelerator.is_main_process:
+                show_progress(f"saved {path} ({time.perf_counter() - saving:.0f} s)")
+        PHASES.clear()  # evaluation and saving are charged to no phase
+        self.encodings["videos"] = 0
+
+    def signalled(self) -> bool:  # a stop signal reached any process
+        return agreed_stop(self.accelerator, self.signals, {}, False, self.args) is not None
+
+    def save(self, step: int) -> str:
+        path = os.path.join(self.args.output_dir, f"checkpoint-{step:06d}")
+        # Saved already (a stop right after a scheduled save). Every process sees the same answer: a
+        # checkpoint appears only at the end of save_checkpoint, after all of them have called it.
+        if not os.path.isdir(path):
+            save_checkpoint(self.accelerator, self.policy, self.optimizer, self.tokenizer, self.args, step)
+        return path
+
+    def stop(self, reason: str, code: int, save_step: int, failed_step: int | None = None):
+        """Any stop the run handles itself: save `save_step`, log the step that failed, exit with `code`."""
+        saved = "no step had finished, nothing to save"
+        if save_step > 0:
+            saved = f"saved {self.save(save_step)}. To continue, run the same command with --resume"
+        if failed_step and self.accelerator.is_main_process:
+            with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": failed_step, "stopped": reason}) + "\n")
+        raise RunStopped(f"{reason} before step {failed_step or save_step + 1}; {saved}", code)
+
+
+PREFETCH = True  # decode the next step's videos in a background thread (False: one step after another)
+
+
+@dataclass
+class Loaded:
+    """One step's rows and decoded videos, as load_batch left them."""
+    rows: list[dict]
+    videos: list
+    failures: list[str]       # this step's videos that failed to decode
+    decoded: dict[str, bool]  # every video the run has tried, up to this step: True if it decoded
+    short: bool               # too few decodable videos to fill the batch
+
+
+class VideoFeed:
+    """Each step's rows and decoded videos. A step's rows follow from (seed, step, process), so while step s
+    trains, a thread decodes step s + 1 (PyAV and torch release the GIL). Each load starts after the one
+    before has ended, so skipped videos and the record of bad ones are exactly those of loading in turn."""
+
+    def __init__(self, samples: list[dict], args, accelerator: Accelerator):
+        self.samples = samples
+        self.args = args
+        self.rank = accelerator.process_index
+        self.world = accelerator.num_processes
+        self.questions_per_step = args.batch_size * self.world
+        self.decoded: dict[str, bool] = {}  # every video tried: True if it decoded
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="videos") if PREFETCH else None
+        self.ahead = None  # (step, its load under way)
+
+    def load(self, step: int) -> Loaded:
+        args = self.args
+        indices = batch_indices(step - 1, self.rank, self.world, args.batch_size, len(self.samples),
+                                args.seed)
+        rng = np.random.default_rng([args.seed, step, self.rank])
+        rows, videos, failures = load_batch(self.samples, indices, args, rng, self.decoded)
+        return Loaded(rows, videos, failures, dict(self.decoded), len(rows) < len(indices))
+
+    def take(self, step: int, last_step: int) -> Loaded:
+        """Step `step`'s load, waited for if under way; the next step's load starts."""
+        loaded = self.ahead[1].result() if self.ahead and self.ahead[0] == step else self.load(step)
+        self.ahead = None
+        if self.pool and step < last_step:
+            self.ahead = (step + 1, self.pool.submit(self.load, step + 1))
+        return loaded
+
+    def wait(self) -> None:
+        if self.ahead:
+            self.ahead[1].exception()  # waits; its result, or its error, is taken with its step
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def make_accelerator() -> Accelerator:
+    """The tools' accelerator. On a CPU, Accelerator() alone would pick no process group."""
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def on_main_process(accelerator, work):
-    """work() on the main process alone (it claims the output directory, or writes files the others read). Every
-    process returns its result or raises its DataError: all stop alike, not the others on a lost connection."""
+    """work() on the main process alone (it claims the output directory, or writes files the others read).
+    Every process returns its result or raises its DataError: all stop alike."""
     try:
         result = work() if accelerator.is_main_process else None
     except DataError as e:
@@ -490,145 +754,30 @@ def on_main_process(accelerator, work):
     return result
 
 
-class Run:
-    """A training run's state outside the method: data, model and optimizer, the output directory and its
-    lock, resuming, metrics, evaluation, checkpoints and safe stops."""
-
-    def __init__(self, args):
-        self.args, self.samples, self.decoded, self.nonfinite_in_a_row = args, checked_samples(args), {}, 0
-        self.eval_rows = checked_eval_rows(args) if args.eval_every else []
-        check_model(args.model)
-        self.accelerator = accelerator = make_accelerator(args.report_to, args.output_dir)
-        world, self.lock = accelerator.num_processes, None
-        self.steps = args.max_steps or max(1, len(self.samples) // (args.batch_size * world))
-
-        def claim():  # one process looks into the output directory and claims it; all go on from what it found
-            self.lock = take_lock(args.output_dir)
-            return checkpoint_to_resume(args, world, self.steps) if args.resume else \
-                free_output_dir(args.output_dir, args.overwrite, resumable=True)
-        try:
-            resume_from = on_main_process(accelerator, claim)
-            set_seed(args.seed)  # the same LoRA initialisation on every process
-            model, self.tokenizer = load_model(args, accelerator.device)
-            self.ref_model = reference_model(model, args)
-            self.encodings = count_video_encodings([model, self.ref_model])
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                          weight_decay=0.0)
-            self.model, self.optimizer = accelerator.prepare(model, optimizer)
-            self.policy = accelerator.unwrap_model(self.model)
-            set_seed(args.seed, device_specific=True)  # but different samples on each process
-            # The data position needs no saving: a step's rows follow from (seed, step, rank).
-            self.start = restore_checkpoint(resume_from, self.policy, self.optimizer, accelerator.process_index) \
-                if resume_from else 0
-        except BaseException:
-            release_lock(self.lock)
-            raise
-        if self.lock:
-            keep_metrics_up_to(os.path.join(args.output_dir, "metrics.jsonl"), self.start)
-            if not resume_from:
-                with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-                    json.dump(vars(args), f, indent=1)
-            accelerator.init_trackers(PROJECT, config={k: str(v) for k, v in vars(args).items()})
-            print(f"{len(self.samples)} questions, {world} process(es), {self.steps} step(s) of "
-                  f"{args.batch_size * world} question(s) x G={args.num_generations}; rewards {args.rewards}" +
-                  (f"; resumed from {resume_from} at step {self.start}" if resume_from else ""))
-        self.signals, self.started = StopSignals(), time.perf_counter()
-        peak_memory_gb(accelerator.device, reset=True)
-        PHASES.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *error):
-        self.signals.restore()
-        for tracker in self.accelerator.trackers:  # not end_training(): evaluation may still need the processes
-            tracker.finish()
-        # Free the DDP wrapper before the process group: if DDP's destructor drops the group's last
-        # reference, gloo tears down while holding the GIL and can deadlock (pytorch/pytorch#56297).
-        self.accelerator.free_memory(self.model, self.optimizer)
-        del self.model, self.optimizer
-        release_lock(self.lock)
-
-    def videos_for(self, step: int) -> tuple[list, list]:
-        """The rows and decoded videos this process trains on at `step`; first, the processes agree on any stop."""
-        args, rank, world = self.args, self.accelerator.process_index, self.accelerator.num_processes
-        indices = batch_indices(step - 1, rank, world, args.batch_size, len(self.samples), args.seed)
-        rng = np.random.default_rng([args.seed, step, rank])
-        rows, videos, self.failures = load_batch(self.samples, indices, args, rng, self.decoded)
-        stop = agreed_stop(self.accelerator, self.signals, self.decoded, len(rows) < len(indices), args)
-        if stop:
-            self.stop(*stop, save_step=step - 1, failed_step=step)
-        return rows, videos
-
-    def end_step(self, step: int, ro, stats: dict) -> None:
-        """Log the step, evaluate and save on schedule; stop, saved, after too many non-finite steps."""
-        args, accelerator = self.args, self.accelerator
-        metrics = step_metrics(ro, args, stats, len(self.failures), self.optimizer.param_groups[0]["lr"])
-        metrics.update(video_encodings=self.encodings["videos"], peak_memory_gb=peak_memory_gb(accelerator.device))
-        metrics = average_over_processes(accelerator, metrics)
-        # Not when the run is about to stop (a signal also cuts it short): a preemption's grace period covers the
-        # rest of a step and a save.
-        stopping = lambda: agreed_stop(accelerator, self.signals, self.decoded, False, args)
-        if args.eval_every and step % args.eval_every == 0 and not stopping():
-            predictions, _ = evaluate(self.policy, self.tokenizer, self.eval_rows, args, accelerator,
-                                      signals=self.signals)
-            if not stopping():
-                metrics["eval_avg"] = task_scores(predictions)["Avg"]
-        if accelerator.is_main_process:
-            log_step(args, step, self.steps, metrics, (time.perf_counter() - self.started) / (step - self.start))
-            accelerator.log(metrics, step=step)
-            if args.log_completions_every and step % args.log_completions_every == 0:
-                print_completions(ro, args)
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if stats["nonfinite"] else 0
-        if self.nonfinite_in_a_row:
-            warn(f"step {step} skipped: non-finite loss or gradient")
-        if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:  # their updates were skipped: these are the last good weights
-            self.stop(f"stopped: {MAX_NONFINITE_STEPS} steps in a row had a non-finite loss or gradient", 1, step)
-        if args.save_every and (step % args.save_every == 0 or step == self.steps):
-            saving, path = time.perf_counter(), self.save(step)
-            if accelerator.is_main_process:  # at 2B, tens of seconds: the size and the checksums
-                show_progress(f"saved {path} ({time.perf_counter() - saving:.0f} s)")
-        PHASES.clear()  # evaluation and saving are charged to no phase
-        self.encodings["videos"] = 0
-
-    def save(self, step: int) -> str:
-        path = os.path.join(self.args.output_dir, f"checkpoint-{step:06d}")
-        # Saved already (a stop right after a scheduled save, or after resuming). Every process sees the same
-        # answer: a checkpoint appears only at the end of save_checkpoint, after all of them have called it.
-        if not os.path.isdir(path):
-            save_checkpoint(self.accelerator, self.policy, self.optimizer, self.tokenizer, self.args, step)
-        return path
-
-    def stop(self, reason: str, code: int, save_step: int, failed_step: int | None = None):
-        """Any stop the run handles itself: save `save_step`, log the step that failed, exit with `code`."""
-        saved = f"saved {self.save(save_step)}. To continue, run the same command with --resume" if save_step > 0 \
-            else "no step had finished, nothing to save"
-        if failed_step and self.accelerator.is_main_process:
-            with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": failed_step, "stopped": reason}) + "\n")
-        raise RunStopped(f"{reason} before step {failed_step or save_step + 1}; {saved}", code)
-
-
-MAX_NONFINITE_STEPS = 3  # in a row, then the run stops (our choice)
-
-
-def reference_model(model, args):
-    """pi_ref for full fine-tuning: a frozen copy, made only when the KL term needs it (LoRA switches adapters off)."""
-    return deepcopy(model).eval().requires_grad_(False) if args.lora_rank == 0 and args.beta > 0 else None
-
-
 def step_metrics(ro, args, stats: dict, num_bad: int, lr: float) -> dict:
-    lengths, groups = ro.completion_mask.sum(1).float(), ro.rewards["total"].view(-1, args.num_generations)
-    # Tokens each optimisation pass reads: every completion with its question's unpadded prompt.
-    train_tokens = (ro.batch.attention_mask.sum() * args.num_generations + lengths.sum()).item() * args.num_iterations
+    G = args.num_generations
+    lengths = ro.completion_mask.sum(1).float()                              # [B*G]
+    groups = ro.rewards["total"].view(-1, G)                                 # [B, G]
+    seconds = {phase: max(PHASES.get(phase, 0.0), 1e-9) for phase in ("generation", "optimisation")}
     metrics = {**stats, "reward": groups.mean().item(), "reward_std": groups.std(1).mean().item(),
-               "zero_std_fraction": equal_reward_groups(ro.rewards["total"], args.num_generations).float().mean().item(),
+               "zero_std_fraction": equal_reward_groups(ro.rewards["total"], G).float().mean().item(),
                "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
                "truncated_fraction": ro.truncated.float().mean().item(), "bad_videos": float(num_bad),
-               "learning_rate": lr, "generated_tokens_per_s": lengths.sum().item() / max(PHASES.get("generation", 0), 1e-9),
-               "train_tokens_per_s": train_tokens / max(PHASES.get("optimisation", 0), 1e-9)}
+               "learning_rate": lr, "generated_tokens_per_s": lengths.sum().item() / seconds["generation"],
+               "policy_tokens_per_s": policy_tokens(ro, args) / seconds["optimisation"]}
     metrics.update({f"reward_{name}": ro.rewards[name].mean().item() for name in args.rewards})
     return {**metrics, **{f"seconds_{phase}": t for phase, t in PHASES.items()}}
+
+
+def policy_tokens(ro, args) -> int:
+    """Tokens the step's pi_theta passes run through the language model: every completion (padded to C)
+    and, on the default path, each prompt once per forward it is in; straightforward, once per completion."""
+    num_completions, C = ro.completion_ids.shape
+    if args.straightforward:
+        prompts = num_completions * ro.batch.input_ids.shape[1]
+    else:
+        prompts = int(ro.batch.attention_mask.sum()) * math.ceil(args.num_generations / args.micro_batch_size)
+    return (prompts + num_completions * C) * args.num_iterations
 
 
 # How each metric combines over processes: counts add up, maxima and peaks take the max, the rest average.
@@ -638,31 +787,29 @@ REDUCE = {"bad_videos": torch.sum, "video_encodings": torch.sum, "completion_len
 
 def average_over_processes(accelerator, metrics: dict) -> dict:
     # In float64: float32 would log a learning rate of 1e-5 as 9.999999747378752e-06.
-    values = accelerator.gather(torch.tensor([list(metrics.values())], dtype=torch.float64, device=accelerator.device))
-    return {key: REDUCE.get(key, torch.mean)(column).item() for key, column in zip(metrics, values.T)}  # values: [W, k]
+    mine = torch.tensor([list(metrics.values())], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.gather(mine)                                        # [W, k]
+    return {key: REDUCE.get(key, torch.mean)(column).item() for key, column in zip(metrics, values.T)}
 
 
 def count_video_encodings(models) -> dict:
     """A counter of the videos the models' vision towers encode (each call can take several)."""
     counter = {"videos": 0}
+
+    def count(module, args, kwargs):
+        counter["videos"] += len(kwargs["grid_thw"])
     for model in filter(None, models):
-        model.model.visual.register_forward_pre_hook(
-            lambda module, args, kwargs: counter.update(videos=counter["videos"] + len(kwargs["grid_thw"])),
-            with_kwargs=True)
+        model.model.visual.register_forward_pre_hook(count, with_kwargs=True)
     return counter
 
 
 def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
-    """Peak GPU memory allocated by torch; on a CPU, the process's peak resident set (Linux's VmHWM)."""
-    if device.type == "cuda":
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if reset and os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # restarts VmHWM from the current resident set (getrusage's peak cannot be reset)
-    status = open("/proc/self/status").read() if os.path.exists("/proc/self/status") else "VmHWM: nan kB"
-    return float(re.search(r"VmHWM:\s*(\S+)", status).group(1)) / 2**20
+    """Peak GPU memory allocated by torch; on a CPU, the process's peak resident set (never reset)."""
+    if device.type != "cuda":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux counts kilobytes
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def rank_zero() -> bool:  # under accelerate launch, what every process meets alike is said by rank 0 alone
@@ -684,10 +831,12 @@ def log_step(args, step: int, steps: int, metrics: dict, seconds_per_step: float
     """Append the step to metrics.jsonl and show its progress line."""
     with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
-    show_progress(f"[{'#' * int(20 * step / steps):.<20}] {step}/{steps} {seconds_per_step:.1f}s/step eta "
-                  f"{seconds_per_step * (steps - step) / 60:.1f}min loss {metrics['loss']:+.4f} reward "
-                  f"{metrics['reward']:.3f} kl {metrics['kl']:.2e} len {metrics['completion_length']:.0f} zero-std "
-                  f"{metrics['zero_std_fraction']:.2f}", last=step == steps)  # completions begin with a new line
+    bar = f"[{'#' * int(20 * step / steps):.<20}]"
+    eta = seconds_per_step * (steps - step) / 60
+    show_progress(f"{bar} {step}/{steps} {seconds_per_step:.1f}s/step eta {eta:.1f}min "
+                  f"loss {metrics['loss']:+.4f} reward {metrics['reward']:.3f} kl {metrics['kl']:.2e} "
+                  f"len {metrics['completion_length']:.0f} zero-std {metrics['zero_std_fraction']:.2f}",
+                  last=step == steps)  # completions printed after it begin with a new line
 
 
 def print_completions(ro, args) -> None:
@@ -698,32 +847,9 @@ def print_completions(ro, args) -> None:
         print(f"  [{rewards} A={ro.advantages[i].item():+.2f}] {ro.completions[i]!r}")
 
 
-# ---------------------------------------------------------------------------- small helpers of the method
-def inner(model):  # the model that DDP may wrap
-    return getattr(model, "module", model)
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    return sorted({*(ids if isinstance(ids, list) else [ids]), tokenizer.eos_token_id} - {None})
-
-
-def straightforward_logps(model, batch, completion_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-                          args) -> torch.Tensor:
-    """completion_logps as a plain implementation computes it, to check the packed sequences against: each
-    completion after its own copy of the left-padded prompt and video, positions left to the model: [n, C]."""
-    questions = rows // args.num_generations
-    input_ids = torch.cat([batch.input_ids[questions], completion_ids[rows]], 1)              # [n, P + C]
-    attention_mask = torch.cat([batch.attention_mask[questions], mask[rows]], 1)              # [n, P + C]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=video_token_types(
-        input_ids, model), **video_inputs(batch, questions.tolist()), use_cache=False,
-        logits_to_keep=completion_ids.shape[1] + 1).logits[:, :-1]                            # [n, C, V]
-    return token_logps(logits, completion_ids[rows], model, args)
-
-
 # ---------------------------------------------------------------------------- checkpoints, resume, safe stops
 class RunStopped(Exception):
-    """A stop the run handles itself (a signal, bad data, non-finite steps, a failed save): exit with `code`."""
+    """A stop the run handles itself (a signal, bad videos, non-finite steps, a failed save): exit `code`."""
 
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
@@ -731,48 +857,48 @@ class RunStopped(Exception):
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of a plain Qwen2-VL: each W replaced by W + (alpha / r) B A (summed in float32, stored in W's
-    dtype), adapters dropped."""
+    """A plain Qwen2-VL's state: each W + (alpha / r) B A, summed in float32 and stored in W's dtype."""
     state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    state.update({f"{name}.weight": (m.weight.float() + m.scale * (m.lora_B @ m.lora_A)).to(m.weight.dtype).detach()
-                  for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            merged = m.weight.float() + m.scale * (m.lora_B @ m.lora_A)
+            state[f"{name}.weight"] = merged.to(m.weight.dtype).detach()
     return state
 
 
-def save_model(policy, tokenizer, path: str) -> None:
-    """A merged, plain Qwen2-VL checkpoint that from_pretrained loads, tokenizer beside it."""
-    transformers_logging.disable_progress_bar()  # its bar of shards (0/1, 1/1) says less than our "saved PATH (N s)"
-    policy.save_pretrained(path, state_dict=merged_state_dict(policy))
-    tokenizer.save_pretrained(path)
-
-
 def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) -> str:
-    """checkpoint-N/: the merged model; in trainer/ what --resume needs; manifest.json, written last.
+    """checkpoint-N/: the merged model; in trainer/ what --resume needs; sizes.json, written last.
 
     Written to checkpoint-N.partial and renamed into place, so a kill during a save leaves no
     checkpoint that looks complete and is not. A failed save (a full disk) removes its partial
     files and stops the run. Only the newest --keep are kept.
     """
     final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
-    partial, main = final + ".partial", accelerator.is_main_process
+    partial = final + ".partial"
     trainer = os.path.join(partial, "trainer")
+    main = accelerator.is_main_process
     if main:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(trainer)
     accelerator.wait_for_everyone()
     try:
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, os.path.join(trainer, f"rng-rank{accelerator.process_index}.pt"))
-        accelerator.wait_for_everyone()  # every process's random state is on disk before the manifest
+        accelerator.wait_for_everyone()  # every process's random state is on disk before sizes.json
         if main:
-            save_model(policy, tokenizer, partial)
-            save_file({n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad},
-                      os.path.join(trainer, "trainable.safetensors"))
+            transformers_logging.disable_progress_bar()  # its bar of shards says less than "saved PATH (N s)"
+            policy.save_pretrained(partial, state_dict=merged_state_dict(policy))  # from_pretrained loads it
+            tokenizer.save_pretrained(partial)
+            trainable = {n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad}
+            save_file(trainable, os.path.join(trainer, "trainable.safetensors"))
             torch.save(optimizer.state_dict(), os.path.join(trainer, "optimizer.pt"))
+            config = {**vars(args), "world_size": accelerator.num_processes}
             with open(os.path.join(trainer, "state.json"), "w") as f:
-                json.dump({"step": step, "config": {**vars(args), "world_size": accelerator.num_processes}}, f)
-            with open(os.path.join(partial, "manifest.json"), "w") as f:
-                json.dump(manifest(partial), f, indent=1)
+                json.dump({"step": step, "config": config}, f)
+            with open(os.path.join(partial, "sizes.json"), "w") as f:
+                json.dump(file_sizes(partial), f, indent=1)
         error = None
     except Exception as e:  # a full disk: OSError, or safetensors' own error type
         error = f"{type(e).__name__}: {e}"
@@ -780,8 +906,9 @@ def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) 
     if errors:
         if main:
             shutil.rmtree(partial, ignore_errors=True)
+        last = (checkpoints(args.output_dir) or ["none"])[-1]
         raise RunStopped(f"could not write {final}: {errors[0]}. Its partial files were removed; "
-                         f"the last complete checkpoint is {(checkpoints(args.output_dir) or ['none'])[-1]}")
+                         f"the last complete checkpoint is {last}")
     if main:
         os.rename(partial, final)
         for old in checkpoints(args.output_dir)[:-args.keep]:
@@ -790,93 +917,71 @@ def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) 
     return final
 
 
-def manifest(directory: str) -> dict[str, list]:
-    """{file: [size, SHA-256]} of every file under `directory`, so that --resume finds a truncated or damaged one."""
-    def entry(path: str) -> list:
-        with open(path, "rb") as f:
-            return [os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()]
-    return {os.path.relpath(os.path.join(root, name), directory): entry(os.path.join(root, name))
-            for root, _, names in sorted(os.walk(directory)) for name in sorted(names) if name != "manifest.json"}
+def file_sizes(directory: str) -> dict[str, int]:
+    """{file: bytes} under `directory`: enough to tell a checkpoint that was truncated or lost a file."""
+    paths = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    paths = [p for p in sorted(paths) if not p.endswith("sizes.json")]
+    return {os.path.relpath(p, directory): os.path.getsize(p) for p in paths}
 
 
 def checkpoint_problem(path: str) -> str | None:
-    """What is wrong with a checkpoint, checked against its manifest, or None."""
+    """What is wrong with a checkpoint, checked against its sizes.json, or None."""
     try:
-        with open(os.path.join(path, "manifest.json")) as f:
+        with open(os.path.join(path, "sizes.json")) as f:
             expected = json.load(f)
-    except FileNotFoundError:
-        return f"{path} has no manifest.json (its save never finished)"
     except (OSError, ValueError):
-        return f"{path}/manifest.json is damaged"
-    found = manifest(path)
-    for name, (size, digest) in expected.items():
+        return f"{path}/sizes.json is missing or damaged"
+    found = file_sizes(path)
+    for name, size in expected.items():
         if name not in found:
             return f"{os.path.join(path, name)} is missing"
-        if found[name][0] != size:
-            return f"{os.path.join(path, name)} has {found[name][0]} bytes, its manifest {size} (truncated?)"
-        if found[name][1] != digest:
-            return f"{os.path.join(path, name)} does not match its manifest's checksum (damaged)"
+        if found[name] != size:
+            return f"{os.path.join(path, name)} has {found[name]} bytes, not {size} (truncated?)"
     return None
 
 
 def checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first (a .partial or .damaged one never counts)."""
-    names = [n for n in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(output_dir) else []
-    return [os.path.join(output_dir, n) for n in sorted(names)]
+    """Complete checkpoints, oldest first (a .partial one never counts)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return [os.path.join(output_dir, n) for n in sorted(names) if re.fullmatch(r"checkpoint-\d+", n)]
 
 
 def checkpoint_to_resume(args, world_size: int, steps: int) -> str:
-    """The checkpoint to continue from. --resume PATH must verify against its manifest; plain --resume takes
-    the newest that does, setting damaged ones aside. Either must come from a run with these settings, and training
-    on from it must not write over a newer checkpoint, or over another run when it continues in another directory."""
-    if args.resume != "latest":
-        inside = checkpoints(args.resume)  # the run's directory given, not one of its checkpoints
-        problem = f"{args.resume} is a run's directory, not a checkpoint" if inside else checkpoint_problem(args.resume)
-        if problem:
-            good = next((c for c in reversed(inside or checkpoints(os.path.dirname(os.path.abspath(args.resume))))
-                         if not checkpoint_problem(c)), None)
-            raise DataError(f"--resume {args.resume}: {problem}" +
-                            (f". The newest checkpoint that verifies is {good}: pass --resume {good}" if good else ""))
-        if os.path.dirname(os.path.abspath(args.resume)) != os.path.abspath(args.output_dir):
-            free_output_dir(args.output_dir, args.overwrite)  # continuing elsewhere: into a directory of its own
-        name = os.path.basename(os.path.normpath(args.resume))
-        newer = [os.path.basename(c) for c in checkpoints(args.output_dir) if os.path.basename(c) > name]
-        if newer:
-            raise DataError(f"--resume {args.resume}: {args.output_dir} holds newer checkpoints ({', '.join(newer)}), "
-                            "which training on would write over. Continue in another --output-dir")
-        return same_run(args.resume, args, world_size, steps)
-    for path in reversed(checkpoints(args.output_dir)):
-        problem = checkpoint_problem(path)
-        if not problem:
-            return same_run(path, args, world_size, steps)
-        os.rename(path, path + ".damaged")  # kept for inspection, never taken again
-        print(f"warning: {problem}; set aside as {path}.damaged, resuming from the one before", file=sys.stderr)
-    raise DataError(f"--resume: no complete checkpoint in {args.output_dir}; nothing was changed "
-                    "(start a new run without --resume)")
+    """The newest checkpoint in --output-dir, if it is sound and comes from a run with these settings."""
+    found = checkpoints(args.output_dir)
+    if not found:
+        raise DataError(f"--resume: no complete checkpoint in {args.output_dir}; nothing was changed "
+                        "(start a new run without --resume)")
+    problem = checkpoint_problem(found[-1])
+    if problem:
+        sound = next((c for c in reversed(found[:-1]) if not checkpoint_problem(c)), None)
+        advice = f"move it aside to resume from the newest sound one, {sound}" if sound else "none is sound"
+        raise DataError(f"--resume: {problem}; {advice}")
+    return same_run(found[-1], args, world_size, steps)
 
 
 # Flags a resumed run may change: none changes what a step computes.
-MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_every", "eval_limit", "eval_data",
-              "eval_video_root", "eval_prompt", "eval_num_frames", "eval_batch_size", "resume", "overwrite",
-              "output_dir", "micro_batch_size", "gradient_checkpointing", "straightforward", "max_bad_video_fraction",
-              "check_data", "eval_only", "demo", "benchmark", "trust_remote_code", "report_to"}
+MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_every", "eval_limit",
+              "eval_data", "eval_video_root", "eval_prompt", "eval_num_frames", "eval_batch_size", "resume",
+              "overwrite", "micro_batch_size", "gradient_checkpointing", "straightforward",
+              "max_bad_video_fraction", "eval_only", "demo", "benchmark", "trust_remote_code", "report_to"}
 
 
 def same_run(path: str, args, world_size: int, steps: int) -> str:
-    """`path`, if its run had these settings (and as many processes: they set the data order) and has steps
-    left to train; else stop."""
+    """`path`, if its run had these settings (and as many processes: they set the data order) and has
+    steps left to train; else stop."""
     with open(os.path.join(path, "trainer", "state.json")) as f:
         state = json.load(f)
-    saved = state["config"]
     now = {**json.loads(json.dumps(vars(args))), "world_size": world_size}
-    differ = [f"{'processes' if k == 'world_size' else '--' + k.replace('_', '-')} {now.get(k)} (checkpoint: {v})"
-              for k, v in saved.items() if k not in MAY_CHANGE and now.get(k) != v]
+    differ = [f"{'processes' if k == 'world_size' else '--' + k.replace('_', '-')} {now.get(k)} "
+              f"(checkpoint: {v})" for k, v in state["config"].items()
+              if k not in MAY_CHANGE and now.get(k) != v]
     if differ:
-        raise DataError(f"--resume {path}: this run's settings differ from the checkpoint's: {'; '.join(differ)}. "
-                        "Use the checkpoint's, or start a new run in another --output-dir")
+        raise DataError(f"--resume {path}: this run's settings differ from the checkpoint's: "
+                        f"{'; '.join(differ)}. Use the checkpoint's, or start a new run elsewhere")
     if state["step"] >= steps:
-        raise DataError(f"--resume: {path} is at step {state['step']} and this run has {steps} step(s): nothing to "
-                        "train. Raise --max-steps to go on")
+        raise DataError(f"--resume: {path} is at step {state['step']} and this run has {steps} step(s): "
+                        "nothing to train. Raise --max-steps to go on")
     return path
 
 
@@ -884,8 +989,9 @@ def restore_checkpoint(path: str, policy, optimizer, rank: int) -> int:
     """Trainable weights, optimizer and this process's random state; returns the step to go on from."""
     trainer = os.path.join(path, "trainer")
     policy.load_state_dict(load_file(os.path.join(trainer, "trainable.safetensors")), strict=False)
-    # To the CPU: saved from cuda:0, where each process would load a copy. load_state_dict moves it where it belongs.
-    optimizer.load_state_dict(torch.load(os.path.join(trainer, "optimizer.pt"), map_location="cpu", weights_only=True))
+    # To the CPU: saved from cuda:0, where each process would load a copy; load_state_dict moves it.
+    state = torch.load(os.path.join(trainer, "optimizer.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state)
     rng = torch.load(os.path.join(trainer, f"rng-rank{rank}.pt"), weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -904,18 +1010,19 @@ def keep_metrics_up_to(path: str, step: int) -> None:
 
 
 PROJECT = "vsgrpo"  # the trackers' project (--report-to); tensorboard logs into output_dir/PROJECT
-RUN_FILES = rf"metrics\.jsonl|args\.json|checkpoint-.*|{PROJECT}"  # what a training run writes into --output-dir
+RUN_FILES = rf"metrics\.jsonl|args\.json|checkpoint-.*|{PROJECT}"  # what a training run writes
 
 
-def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES, resumable: bool = False) -> None:
-    """Before any model loads: make output_dir; stop if an earlier run is in it, or delete that when --overwrite asks.
-    Only a new training run can continue the earlier one instead (`resumable`); the tools never resume."""
+def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES, resumable: bool = False):
+    """Before any model loads: make output_dir; stop if an earlier run is in it, or delete that run when
+    --overwrite asks. Only a new training run can continue the earlier one instead (`resumable`)."""
     os.makedirs(output_dir, exist_ok=True)
     found = sorted(n for n in os.listdir(output_dir) if re.fullmatch(names, n))
     if found and not overwrite:
         choices = "continue it with --resume, choose" if resumable else "choose"
-        raise DataError(f"--output-dir {output_dir} holds an earlier run ({', '.join(found[:4])}"
-                        f"{', ...' if len(found) > 4 else ''}): {choices} another --output-dir, or delete it with --overwrite")
+        listed = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise DataError(f"--output-dir {output_dir} holds an earlier run ({listed}): {choices} another "
+                        "--output-dir, or delete it with --overwrite")
     if found:
         print(f"--overwrite: deleting {', '.join(found)} from {output_dir}", file=sys.stderr)
     for path in (os.path.join(output_dir, n) for n in found):
@@ -923,242 +1030,212 @@ def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES, re
 
 
 def take_lock(output_dir: str):
-    """output_dir/run.lock, holding this process's id and host, locked by the kernel until the process ends,
-    however it ends: a second run into the directory stops here, and a lock left by a killed run is taken over."""
+    """output_dir/run.lock, locked by the kernel until released or this process ends, however it ends: a
+    second run into the directory stops here, and a killed run's lock is free again."""
     os.makedirs(output_dir, exist_ok=True)
-    lock = open(os.path.join(output_dir, "run.lock"), "a+")
-    lock.seek(0)
-    holder = lock.read().split()
+    lock = open(os.path.join(output_dir, "run.lock"), "a")
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        raise DataError(f"--output-dir {output_dir} is in use by process {' on '.join(holder) or '(starting)'} "
-                        f"({lock.name}). Wait for it to end, or use another --output-dir") from None
-    if holder:
-        print(f"warning: {lock.name} was left by process {holder[0]}, which is gone: taking it over", file=sys.stderr)
-    lock.truncate(0)
-    lock.write(f"{os.getpid()} {os.uname().nodename}\n")
-    lock.flush()
+        raise DataError(f"--output-dir {output_dir} is in use by another run (it holds {lock.name}). "
+                        "Wait for it to end, or use another --output-dir") from None
     return lock
 
 
 def release_lock(lock) -> None:
-    if lock and not lock.closed:
-        with suppress(FileNotFoundError):  # someone removed it by hand
+    if lock:
+        with suppress(FileNotFoundError):  # removed by hand
             os.remove(lock.name)
         lock.close()
 
 
 class StopSignals:
-    """SIGTERM (a scheduler's notice of preemption) and SIGINT (Ctrl-C) stop the run after the current step,
-    saved. A second signal over a second after the first abandons the step at once, unsaved. (The launcher
-    forwards each signal to its workers, so one Ctrl-C can reach a worker twice within milliseconds.)"""
+    """SIGTERM (a scheduler's notice of preemption) and SIGINT (Ctrl-C) stop the run after the current
+    step, saved. A repeat changes nothing (the launcher forwards each signal to its workers, so one Ctrl-C
+    can reach a worker twice): to stop at once, unsaved, send SIGKILL or SIGQUIT (Ctrl-\\)."""
 
     def __init__(self):
-        self.received, self.at = 0, 0.0
+        self.received = 0
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
-        if self.received and time.monotonic() - self.at > 1:
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: the step was abandoned, unsaved")
-        if not self.received:
-            self.received, self.at = signum, time.monotonic()
-            if rank_zero():  # every process received it
-                print(f"\n{signal.Signals(signum).name}: finishing this step, then saving it (send it again to stop "
-                      "at once, unsaved)", file=sys.stderr, flush=True)
+        if not self.received and rank_zero():  # every process received it
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving it", file=sys.stderr,
+                  flush=True)
+        self.received = self.received or signum
 
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
-MIN_VIDEOS_TRIED = 10  # before --max-bad-video-fraction applies: one bad video among the first few is no verdict
+MIN_VIDEOS_TRIED = 10  # before --max-bad-video-fraction applies: one bad video among the first is no verdict
 
 
 def agreed_stop(accelerator, signals: StopSignals, decoded: dict, batch_short: bool, args) -> tuple | None:
     """(reason, exit code) when any process must stop; every process gets the same answer."""
-    mine = torch.tensor([[signals.received, len(decoded), list(decoded.values()).count(False), batch_short]],
-                        dtype=torch.float64, device=accelerator.device)
-    received, tried, bad, short = accelerator.gather(mine).cpu().T                         # each [W]
+    bad_videos = list(decoded.values()).count(False)
+    mine = torch.tensor([[signals.received, len(decoded), bad_videos, batch_short]], dtype=torch.float64,
+                        device=accelerator.device)
+    received, tried, bad, short = accelerator.gather(mine).cpu().T            # each [W]
     if received.max() > 0:
         return f"stopped by {signal.Signals(int(received.max())).name}", 128 + int(received.max())
     over = tried.sum() >= MIN_VIDEOS_TRIED and bad.sum() > args.max_bad_video_fraction * tried.sum()
-    if over or short.any():
-        why = f"over --max-bad-video-fraction {args.max_bad_video_fraction}" if over else \
-            "so many that a batch could not be filled"
-        return (f"stopped: {int(bad.sum())} of the {int(tried.sum())} distinct videos tried failed to decode, {why} "
-                "(the warnings above name them)"), 1
-    return None
+    if not over and not short.any():
+        return None
+    why = f"over --max-bad-video-fraction {args.max_bad_video_fraction}" if over else \
+        "so many that a batch could not be filled"
+    return (f"stopped: {int(bad.sum())} of the {int(tried.sum())} distinct videos tried failed to decode, "
+            f"{why} (the warnings above name them)"), 1
 
 
-# ---------------------------------------------------------------------------- checking data and the model
+# ---------------------------------------------------------------------------- checking data
 def checked_samples(args) -> list[dict]:
-    """The cheap part of --check-data, before any model loads: every row, and every video file exists.
-    Rows whose video is missing are dropped and counted; too many missing stop here."""
+    """Every row of --data, checked before any model loads. Rows whose video is missing are dropped and
+    counted; too many missing stop here."""
     errors = []
     samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
     if errors:
-        raise DataError(f"{len(errors)} bad row(s):\n  " + "\n  ".join(errors[:20]) + "\n(--check-data lists all)")
-    missing, videos = missing_videos(samples, args, "--video-root", args.video_root), len({s["video"] for s in samples})
+        raise DataError(f"{len(errors)} bad row(s):\n  " + "\n  ".join(errors))
+    missing = missing_videos(samples, "--video-root", args.video_root)
+    videos = len({s["video"] for s in samples})
+    listed = "\n  ".join(list(missing.values())[:10])
     if len(missing) > args.max_bad_video_fraction * videos:
         raise DataError(f"{len(missing)} of {videos} videos missing, over --max-bad-video-fraction "
-                        f"{args.max_bad_video_fraction}:\n  " + "\n  ".join(list(missing.values())[:10]))
+                        f"{args.max_bad_video_fraction}:\n  {listed}")
     if missing:
         samples = [s for s in samples if s["video"] not in missing]
-        warn(f"{len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n  " +
-             "\n  ".join(list(missing.values())[:10]))
+        warn(f"{len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n"
+             f"  {listed}")
     return samples
 
 
-def missing_videos(rows: list[dict], args, flag: str, root: str) -> dict[str, str]:
-    """{video: problem} of the rows' videos not on disk; none there at all is a wrong root, named as such."""
-    missing, videos = check_videos(rows, args, decode=False), {r["video"] for r in rows}
-    if len(missing) == len(videos):
-        raise DataError(f"{flag} {root}: none of the {len(videos)} videos the rows name is there (for example "
-                        f"{rows[0]['video']})")
+def missing_videos(rows: list[dict], flag: str = "", root: str = "") -> dict[str, str]:
+    """{video: its first row, and the problem} of the videos not on disk. Given the root's `flag`, none there
+    at all is a wrong root, named as such."""
+    missing = {r["video"]: f"{r['source']}: video not found: {r['video']}"
+               for r in reversed(rows) if not os.path.isfile(r["video"])}
+    videos = {r["video"] for r in rows}
+    if flag and len(missing) == len(videos):
+        raise DataError(f"{flag} {root}: none of the {len(videos)} videos the rows name is there (for "
+                        f"example {rows[0]['video']})")
     return missing
 
 
 def checked_eval_rows(args) -> list[dict]:
-    """--eval-every's held-out rows, each one evaluation can score: else eval_avg would silently cover fewer."""
+    """--eval-every's held-out rows, each one evaluation can score: else eval_avg would silently cover
+    fewer."""
     rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)[:args.eval_limit or None]
-    missing = check_videos(rows, args, decode=False)
+    missing = list(missing_videos(rows).values())
     if missing:
-        raise DataError(f"--eval-data: {len(missing)} of {len({r['video'] for r in rows})} videos missing:\n  " +
-                        "\n  ".join(list(missing.values())[:10]))
-    unscored = [f"{r['source']}: {r['question_type']}" for r in rows if r["question_type"] not in BENCHMARK_TYPES]
+        raise DataError(f"--eval-data: {len(missing)} of {len({r['video'] for r in rows})} videos "
+                        "missing:\n  " + "\n  ".join(missing[:10]))
+    unscored = [f"{r['source']}: {r['question_type']}" for r in rows
+                if r["question_type"] not in BENCHMARK_TYPES]
     if unscored:
-        raise DataError(f"--eval-data: {len(unscored)} of {len(rows)} rows are of question types VSI-Bench does not "
-                        "score; eval_avg would leave them out:\n  " + "\n  ".join(unscored[:10]))
+        raise DataError(f"--eval-data: {len(unscored)} of {len(rows)} rows are of question types VSI-Bench "
+                        "does not score; eval_avg would leave them out:\n  " + "\n  ".join(unscored[:10]))
     return rows
 
 
-def run_check_data(args) -> int:
-    """--check-data: every row, and every video through training's own preprocessing, in parallel; 1 if bad."""
-    errors = []
-    samples = load_samples(args.data, args.video_root, args.prompt_mode, errors)
-    bad_videos = check_videos(samples, args, decode=True, progress=lambda done, total: show_progress(
-        f"  checked {done} of {total} videos", last=done == total))
-    good = [s for s in samples if s["video"] not in bad_videos]  # what would train
-    print(f"{len(good)} good rows, {len({s['video'] for s in good})} videos")
-    for question_type, count in sorted(Counter(s["question_type"] or "(untyped)" for s in good).items()):
-        print(f"  {question_type:32} {count:7}{'  numeric' if question_type in NUMERIC_TYPES else ''}")
-    for title, problems in (("bad rows (missing, empty or mistyped fields, answers the rewards cannot score)", errors),
-                            ("missing or undecodable videos", list(bad_videos.values()))):
-        print(f"{len(problems)} {title}" + "".join(f"\n  {p}" for p in problems))
-    return 1 if errors or bad_videos else 0
-
-
-def check_model(name: str) -> None:
-    """Stop in one line when --model is neither a local checkpoint nor on the hub, before other work.
-    Only config.json is fetched here; the loader's own error stays chained (and its first line shown)."""
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # not one warning per retry
-    files = os.listdir(name) if os.path.isdir(name) else None
-    # transformers 5 reads a directory without config.json as a default config, so look for the files.
-    weights = files is not None and any(f.endswith((".safetensors", ".bin")) for f in files)
-    if files is not None and not ("config.json" in files and weights):
-        inside = checkpoints(name)  # a training run's output directory
-        raise DataError(f"--model {name} holds no checkpoint (a config.json and its weights)" +
-                        (f"; its newest checkpoint is {inside[-1]}" if inside else ""))
-    try:
-        Qwen2VLConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        where = "has a config.json that Qwen2-VL cannot read" if files is not None else \
-            "is not a local directory, and the model hub could not give it"
-        raise DataError(f"--model {name} {where} ({type(e).__name__}: {str(e).splitlines()[0]}). "
-                        "Pass the directory of a downloaded checkpoint.") from e
-
-
 # ---------------------------------------------------------------------------- evaluation on VSI-Bench
-def answer_rows(policy, tokenizer, rows: list[dict], indices: list[int], args, protocol: str,
-                show: bool = False, signals=None) -> tuple[list, list]:
-    """Greedy answers to rows[indices], scored: (predictions, rows not evaluated with the reason). protocol
-    "benchmark": VSI-Bench's prompts, clean-up and metrics; "training": the training prompt and the accuracy
-    reward (the demo's held-out questions). A training run's stop signal ends it early."""
-    benchmark = protocol == "benchmark"
-    # VSI-Bench decodes 16 new tokens; a think or observe prompt needs the training length.
-    config = generation_config(policy, tokenizer, 16 if benchmark and args.eval_prompt == "vanilla"
-                               else args.max_completion_length)
-    predictions, skipped = [], []
-    for start in range(0, len(indices), args.eval_batch_size):
-        if signals and signals.received:
-            break
-        if show and (sys.stdout.isatty() or start % (50 * args.eval_batch_size) == 0):  # piped: a line now and then
-            show_progress(f"  evaluated {start} of this process's {len(indices)} questions", last=False)
-        chunk = []  # videos are decoded a batch at a time: all of VSI-Bench's would not fit in memory
-        for i in indices[start:start + args.eval_batch_size]:
-            try:
-                if benchmark and rows[i]["question_type"] not in BENCHMARK_TYPES:
-                    raise DataError(f"unknown question_type {rows[i]['question_type']!r}")
-                chunk.append((i, rows[i], load_video(rows[i]["video"], args.eval_num_frames, args.max_pixels)))
-            except DataError as e:
-                skipped.append({"index": i, "id": rows[i]["id"], "source": rows[i]["source"], "reason": str(e)})
-        if not chunk:
-            continue
-        texts = [benchmark_prompt(row, args.eval_prompt) if benchmark else question_text(row) for _, row, _ in chunk]
-        batch = collate([row for _, row, _ in chunk], texts, [video for _, _, video in chunk], tokenizer,
-                        policy.config.video_token_id, policy.device)
-        completion_ids = generate(policy, batch, config)
-        outputs = decode(tokenizer, completion_ids, completion_mask(completion_ids, config.eos_token_id)[0])
-        for (i, row, _), text, raw in zip(chunk, texts, outputs):
-            prediction = clean_prediction(raw, args.eval_prompt) if benchmark else extract_answer(raw, row["prompt_mode"])
-            predictions.append({"index": i, "id": row["id"], "question_type": row["question_type"], "prompt": text,
-                                "raw_output": raw, "prediction": prediction, "ground_truth": row["answer"],
-                                "score": (benchmark_score if benchmark else answer_score)(prediction, row)})
-    if show:
-        show_progress(f"  evaluated {len(predictions) + len(skipped)} of this process's {len(indices)} questions")
-    return predictions, skipped
-
-
 @torch.no_grad()
 def evaluate(policy, tokenizer, rows: list[dict], args, accelerator, protocol="benchmark",
              signals=None) -> tuple[list, list]:
-    """Each process answers every W-th row; all processes get all predictions, in row order."""
+    """Greedy answers, scored: (predictions, rows not evaluated with the reason), all in row order on every
+    process; each process answers every W-th row. protocol "benchmark": VSI-Bench's prompts, clean-up and
+    metrics; "training": the training prompt and the accuracy reward (the demo). A stop signal ends it."""
     policy.eval()
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
-    predictions, skipped = answer_rows(policy, tokenizer, rows, mine, args, protocol, accelerator.is_main_process,
-                                       signals)
+    benchmark = protocol == "benchmark"
+    # VSI-Bench decodes 16 new tokens; a think or observe prompt needs the training length.
+    new_tokens = 16 if benchmark and args.eval_prompt == "vanilla" else args.max_completion_length
+    config = generation_config(policy, tokenizer, new_tokens)
+    predictions, skipped = [], []
+    for start in range(0, len(mine), args.eval_batch_size):
+        if signals and signals.received:
+            break
+        chunk = []  # videos are decoded a batch at a time: all of VSI-Bench's would not fit in memory
+        for i in mine[start:start + args.eval_batch_size]:
+            try:
+                if benchmark and rows[i]["question_type"] not in BENCHMARK_TYPES:
+                    raise DataError(f"unknown question_type {rows[i]['question_type']!r}")
+                chunk.append((i, load_video(rows[i]["video"], args.eval_num_frames, args.max_pixels)))
+            except DataError as e:
+                skipped.append({"index": i, "id": rows[i]["id"], "source": rows[i]["source"],
+                                "reason": str(e)})
+        if chunk:
+            predictions += answer(policy, tokenizer, rows, chunk, config, args, benchmark)
+        done = min(start + args.eval_batch_size, len(mine))
+        # Each batch's progress on a terminal; piped, a line every 50 batches and at the end.
+        if accelerator.is_main_process and (sys.stdout.isatty() or done == len(mine) or
+                                            done % (50 * args.eval_batch_size) == 0):
+            show_progress(f"  evaluated {done} of this process's {len(mine)} questions",
+                          last=done == len(mine))
     return [sorted(gather_object(items), key=lambda item: item["index"]) for items in (predictions, skipped)]
+
+
+def answer(policy, tokenizer, rows: list[dict], chunk: list, config, args, benchmark: bool) -> list[dict]:
+    """The scored predictions of one batch of (row index, decoded video)."""
+    questions = [rows[i] for i, _ in chunk]
+    texts = [benchmark_prompt(q, args.eval_prompt) if benchmark else question_text(q) for q in questions]
+    batch = collate(questions, texts, [video for _, video in chunk], tokenizer, policy.config.video_token_id,
+                    policy.device)
+    completion_ids = generate(policy, batch, config)
+    outputs = decode(tokenizer, completion_ids, completion_mask(completion_ids, config.eos_token_id)[0])
+    predictions = []
+    for (i, _), row, text, raw in zip(chunk, questions, texts, outputs):
+        if benchmark:
+            prediction = clean_prediction(raw, args.eval_prompt)
+        else:
+            prediction = extract_answer(raw, row["prompt_mode"])
+        score = (benchmark_score if benchmark else answer_score)(prediction, row)
+        predictions.append({"index": i, "id": row["id"], "question_type": row["question_type"],
+                            "prompt": text, "raw_output": raw, "prediction": prediction,
+                            "ground_truth": row["answer"], "score": score})
+    return predictions
 
 
 def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict:
     """predictions.jsonl, metrics.json and the paper's table, x100."""
     scores = task_scores(predictions)
     covered = len(scores) - 1  # the tasks with at least one question; "Avg" is their mean
-    metrics = {"scores": scores, "tasks_in_avg": covered, "evaluated": len(predictions), "not_evaluated": skipped,
-               "questions": {task: sum(p["question_type"] in types for p in predictions)
-                             for task, types in BENCHMARK_TASKS.items()},
-               "settings": {"model": args.model, "prompt": args.eval_prompt, "num_frames": args.eval_num_frames,
-                            "max_pixels": args.max_pixels}}
+    questions = {task: sum(p["question_type"] in types for p in predictions)
+                 for task, types in BENCHMARK_TASKS.items()}
+    settings = {"model": args.model, "prompt": args.eval_prompt, "num_frames": args.eval_num_frames,
+                "max_pixels": args.max_pixels}
+    metrics = {"scores": scores, "tasks_in_avg": covered, "evaluated": len(predictions),
+               "not_evaluated": skipped, "questions": questions, "settings": settings}
     with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in predictions)
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    columns = ["Avg"] + list(BENCHMARK_TASKS)
-    print(" | ".join(f"{c:>8}" for c in ["Avg" if covered == 8 else f"Avg({covered}/8)"] + columns[1:]))
-    print(" | ".join(f"{100 * scores[c]:8.1f}" if c in scores else f"{'-':>8}" for c in columns))
+    columns = ["Avg" if covered == 8 else f"Avg({covered}/8)"] + list(BENCHMARK_TASKS)
+    print(" | ".join(f"{c:>8}" for c in columns))
+    print(" | ".join(f"{100 * scores[c]:8.1f}" if c in scores else f"{'-':>8}"
+                     for c in ["Avg"] + columns[1:]))
     if covered < 8:
-        print(f"Avg covers {covered} of VSI-Bench's 8 tasks: it is not comparable with the paper's overall score")
-    print(f"{len(predictions)} questions scored, {len(skipped)} not evaluated; {args.eval_num_frames} frames, "
-          f"max {args.max_pixels} pixels per frame, {args.eval_prompt} prompt")
+        print(f"Avg covers {covered} of VSI-Bench's 8 tasks: it is not comparable with the paper's overall "
+              "score")
+    print(f"{len(predictions)} questions scored, {len(skipped)} not evaluated; {args.eval_num_frames} "
+          f"frames, max {args.max_pixels} pixels per frame, {args.eval_prompt} prompt")
     for item in skipped[:10]:  # not thousands of lines after the table when a video directory is missing
         print(f"  not evaluated: {item['source']}: {item['reason']}", file=sys.stderr)
     if len(skipped) > 10:
-        print(f"  ... and {len(skipped) - 10} more: {os.path.join(args.output_dir, 'metrics.json')} lists every row "
-              "not evaluated", file=sys.stderr)
+        print(f"  ... and {len(skipped) - 10} more: {args.output_dir}/metrics.json lists every row not "
+              "evaluated", file=sys.stderr)
     return metrics
 
 
 def run_evaluation(args) -> dict:
     accelerator = make_accelerator()
     rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)
-    missing_videos(rows, args, "--eval-video-root", args.eval_video_root)  # a few are reported, unscored
-    types = sorted({r["question_type"] for r in rows})  # as with videos: a few unknown are reported, all is a mistake
+    missing_videos(rows, "--eval-video-root", args.eval_video_root)  # a few are reported, unscored
+    types = sorted({r["question_type"] for r in rows})  # a few unknown are reported; all is a mistake
     if not BENCHMARK_TYPES & set(types):
-        raise DataError(f"--eval-data: none of the {len(rows)} rows is of a question type VSI-Bench scores (found: "
-                        f"{', '.join(types[:10])})")
-    check_model(args.model)
+        raise DataError(f"--eval-data: none of the {len(rows)} rows is of a question type VSI-Bench scores "
+                        f"(found: {', '.join(types[:10])})")
     on_main_process(accelerator, lambda: free_output_dir(args.output_dir, args.overwrite,
                                                          r"predictions\.jsonl|metrics\.json"))
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
@@ -1167,31 +1244,33 @@ def run_evaluation(args) -> dict:
     return write_evaluation(predictions, skipped, args) if accelerator.is_main_process else {}
 
 
-# ---------------------------------------------------------------------------- synthetic data and models (demo, benchmark, tests)
+# ---------------------------------------------------------------------------- synthetic data and models
 # Small scenes of coloured squares ("objects") seen by a slowly panning camera, with questions whose
-# answers follow from how the scene was drawn. Same file format as VSI-Bench.
-COLOURS = {"chair": ("red", (220, 40, 40)), "table": ("blue", (40, 80, 230)), "sofa": ("green", (40, 200, 60)),
-           "lamp": ("yellow", (240, 220, 40))}
+# answers follow from how the scene was drawn, in VSI-Bench's format: the demo, benchmark and tests use them.
+COLOURS = {"chair": ("red", (220, 40, 40)), "table": ("blue", (40, 80, 230)),
+           "sofa": ("green", (40, 200, 60)), "lamp": ("yellow", (240, 220, 40))}
 SYNTHETIC_TYPES = ("object_counting", "object_rel_direction", "object_colour")
-GRID, CELL = 4, 28  # objects sit in distinct cells of a 4x4 grid over a 112x112 room
+GRID = 4  # objects sit in distinct cells of a 4x4 grid of 28-pixel cells: a 112x112 room
+CELL = 28
 
 
-def synthetic_scene(question_type: str, num_frames: int, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
+def synthetic_scene(question_type: str, num_frames: int, rng: np.random.Generator) -> tuple:
     """Frames [T, 112, 112, 3] of a random room seen by a camera panning 8 px, a question and its answer."""
     a, b = (str(name) for name in rng.permutation(list(COLOURS))[:2])
     free = [(int(c) // GRID, int(c) % GRID) for c in rng.permutation(GRID * GRID)]
     if question_type == "object_counting":
         count = int(rng.integers(1, 5))
-        cells, question, answer = {a: free[:count], b: free[count:count + 2]}, f"How many {a}(s) are in this room?", \
-            str(count)
+        cells = {a: free[:count], b: free[count:count + 2]}
+        question, answer = f"How many {a}(s) are in this room?", str(count)
     elif question_type == "object_rel_direction":
         other = next(cell for cell in free if cell[1] != free[0][1])  # a different column
-        cells, question = {a: [free[0]], b: [other]}, f"Is the {a} to the left or to the right of the {b}?"
+        cells = {a: [free[0]], b: [other]}
+        question = f"Is the {a} to the left or to the right of the {b}?"
         answer = "left" if free[0][1] < other[1] else "right"
     else:  # object_colour: one large object (2x2 cells), so its colour fills whole video tokens
         row, col = (int(x) for x in rng.integers(0, GRID - 1, 2))
-        cells, question, answer = {a: [(row + i, col + j) for j in (0, 1) for i in (0, 1)]}, \
-            "What colour is the object in this room?", COLOURS[a][0]
+        cells = {a: [(row + i, col + j) for j in (0, 1) for i in (0, 1)]}
+        question, answer = "What colour is the object in this room?", COLOURS[a][0]
     room = np.full((GRID * CELL + 8, GRID * CELL + 8, 3), 90, np.uint8)  # a 4 px margin for jitter and pan
     for name, positions in cells.items():
         for row, col in positions:
@@ -1202,11 +1281,12 @@ def synthetic_scene(question_type: str, num_frames: int, rng: np.random.Generato
 
 
 def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:
-    """Near-lossless H.264 at a constant quantiser: the same bytes on every run, which crf's rate control is not."""
+    """Near-lossless H.264 at a constant quantiser: the same bytes every run, as crf's rate control is not."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"qp": "10"})
-        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
         for image in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())
@@ -1214,14 +1294,16 @@ def write_video(path: str, frames: np.ndarray, fps: int = 4) -> None:
 
 def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num_frames: int = 8,
                             name: str = "train", scale: int = 1) -> str:
-    """Write videos under out_dir/videos and rows, in VSI-Bench's field names, to out_dir/{name}.jsonl (the path
-    returned). `scale` enlarges the frames (4: 448x448, enough to fill Qwen2-VL's usual pixel budget)."""
-    rng, rows = np.random.default_rng(seed), []
+    """Videos under out_dir/videos and rows in out_dir/{name}.jsonl (the path returned). `scale` enlarges the
+    frames (4: 448x448, enough to fill Qwen2-VL's usual pixel budget)."""
+    rng = np.random.default_rng(seed)
+    rows = []
     for i in range(num_questions):
-        question_type, scene = SYNTHETIC_TYPES[i % len(SYNTHETIC_TYPES)], f"{name}_{i:05d}"
+        question_type = SYNTHETIC_TYPES[i % len(SYNTHETIC_TYPES)]
+        scene = f"{name}_{i:05d}"
         frames, question, answer = synthetic_scene(question_type, num_frames, rng)
-        write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"),
-                    frames.repeat(scale, 1).repeat(scale, 2))
+        video = frames.repeat(scale, 1).repeat(scale, 2)
+        write_video(os.path.join(out_dir, "videos", "synthetic", f"{scene}.mp4"), video)
         rows.append({"id": scene, "dataset": "synthetic", "scene_name": scene, "question_type": question_type,
                      "question": question, "ground_truth": answer, "options": []})
     with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
@@ -1231,32 +1313,33 @@ def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-# Shapes of Qwen2-VL with random weights. 2b and 7b are Qwen2-VL-2B/7B-Instruct's config.json, so a full-size
-# model is measured with nothing downloaded; tiny is the demo's; small is 2b at about a sixth of its widths and
-# vocabulary, with 4 + 4 layers, so a CPU runs it in minutes.
+# Shapes of Qwen2-VL with random weights. 2b and 7b are Qwen2-VL-2B/7B-Instruct's config.json, measured
+# with nothing downloaded; tiny is the demo's; small is 2b at about a sixth of its widths and vocabulary,
+# with 4 + 4 layers, so a CPU runs it in minutes.
 SIZES = {
     "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, rope_theta=1e4),
                  vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2), tied=True),
-    "small": dict(text=dict(hidden_size=256, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=4,
-                            num_key_value_heads=2, rope_theta=1e6, vocab_size=25344),
+    "small": dict(text=dict(hidden_size=256, intermediate_size=1536, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, vocab_size=25344),
                   vision=dict(depth=4, embed_dim=224, num_heads=4, mlp_ratio=4), tied=True),
-    "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, rope_theta=1e6, vocab_size=151936),
+    "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, vocab_size=151936),
                vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4), tied=True),
-    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, rope_theta=1e6, vocab_size=152064),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, vocab_size=152064),
                vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4), tied=False),
 }
 
 
 def word_level_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """One token per word of `texts`, plus Qwen2-VL's special tokens and the prompts' tags. The small vocabulary
-    makes the demo learnable: a random model's one-word guesses are right often enough for GRPO to have a signal."""
+    """One token per word of `texts`, plus Qwen2-VL's special tokens and the prompts' tags. The small
+    vocabulary makes the demo learnable: a random model's one-word guesses are right often enough."""
     split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     words = sorted({w for text in texts for w, _ in split.pre_tokenize_str(text.lower())})
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
-    backend.normalizer, backend.pre_tokenizer = normalizers.Lowercase(), split
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = split
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS)
     tokenizer.add_tokens(["<think>", "</think>", "<observe>", "</observe>", "<answer>", "</answer>"])
@@ -1264,7 +1347,7 @@ def word_level_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 
 def model_config(size: str, tokenizer) -> Qwen2VLConfig:
-    """The Qwen2-VL config of a named size; the full sizes keep their real vocabulary (extra ids decode to nothing)."""
+    """The Qwen2-VL config of a named size; the full sizes keep their real vocabulary."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = {"vocab_size": len(tokenizer), **SIZES[size]["text"]}
     half = text["hidden_size"] // text["num_attention_heads"] // 2
@@ -1272,8 +1355,8 @@ def model_config(size: str, tokenizer) -> Qwen2VLConfig:
     rope = dict(rope_type="default", rope_theta=text.pop("rope_theta"),
                 mrope_section=[half // 4, 3 * half // 8, 3 * half // 8])
     return Qwen2VLConfig(
-        text_config=dict(text, bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters=rope),
+        text_config=dict(text, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], rope_parameters=rope),
         vision_config=dict(SIZES[size]["vision"], hidden_size=text["hidden_size"]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -1281,11 +1364,12 @@ def model_config(size: str, tokenizer) -> Qwen2VLConfig:
 
 
 def build_random_model(path: str, texts: list[str], size: str = "tiny", seed: int = 0) -> None:
-    """A word-level tokenizer over `texts` and a random Qwen2-VL of a named size, saved as a hub checkpoint is."""
+    """A word-level tokenizer over `texts` and a random Qwen2-VL of a named size, saved as a hub checkpoint
+    is. The full sizes are built on the GPU when there is one, and saved in bf16."""
     tokenizer = word_level_tokenizer(texts)
     tokenizer.save_pretrained(path)
     config = model_config(size, tokenizer)
-    large = config.text_config.hidden_size >= 1024  # built on the GPU and saved in bf16 when one is there
+    large = config.text_config.hidden_size >= 1024
     torch.manual_seed(seed)
     with torch.device("cuda" if large and torch.cuda.is_available() else "cpu"):
         model = Qwen2VLForConditionalGeneration(config)
@@ -1296,35 +1380,44 @@ def synthetic_setup(out: str, size: str, num_questions: int, seed: int = 0, **vi
     """Synthetic rows and videos under `out`, and a random model of `size` over their words in out/model.
     The prompts' instructions stay out of the vocabulary: fewer words, more right guesses to learn from."""
     rows = read_rows(write_synthetic_dataset(out, num_questions, seed, **video))
-    build_random_model(os.path.join(out, "model"), [r["question"] + " " + r["ground_truth"] for r in rows] +
-                       ["system you are a helpful assistant user"], size)
+    texts = [r["question"] + " " + r["ground_truth"] for r in rows] + ["system you are a helpful assistant"]
+    build_random_model(os.path.join(out, "model"), texts, size)
     return rows
 
 
 # ---------------------------------------------------------------------------- the demo
 def demo_flags(out: str) -> list[str]:
-    """The demo's settings; flags given after --demo override them. At --learning-rate 1e-3, 2 of seeds 0 to 4 settled
-    on one answer to every colour question before learning to see colour; at 5e-4, 1 of seeds 0 to 9 did."""
+    """The demo's settings; flags given after --demo override them. At --learning-rate 1e-3, 2 of seeds 0
+    to 4 settled on one answer to every colour question before learning to see colour; at 5e-4, 1 of 10."""
     return ["--model", f"{out}/model", "--data", f"{out}/train.jsonl", "--video-root", f"{out}/videos",
             "--eval-data", f"{out}/heldout.jsonl", "--eval-video-root", f"{out}/videos", "--num-frames", "4",
             "--eval-num-frames", "4", "--max-pixels", str(56 * 56), "--max-completion-length", "1",
-            "--lora-rank", "0", "--learning-rate", "5e-4", "-G", "8", "--batch-size", "16", "--micro-batch-size",
-            "128", "--max-steps", "400", "--save-every", "400", "--log-completions-every", "100",
-            "--eval-batch-size", "50"]
+            "--lora-rank", "0", "--learning-rate", "5e-4", "-G", "8", "--batch-size", "16",
+            "--micro-batch-size", "128", "--max-steps", "400", "--save-every", "400",
+            "--log-completions-every", "100", "--eval-batch-size", "50"]
 
 
 def reward_curve(values: list[float], height: int = 8, width: int = 60) -> str:
     """A column chart of `values`, averaged into at most `width` columns."""
     means = [float(np.mean(chunk)) for chunk in np.array_split(np.array(values), min(width, len(values)))]
     top = max(max(means), 1e-9)
-    lines = [f"{top * level / height:5.2f} |" + "".join("#" if m >= top * (level - 0.5) / height else " " for m in means)
-             for level in range(height, 0, -1)]
-    return "\n".join(lines + ["      +" + "-" * len(means), f"       steps 1 to {len(values)}"])
+    rows = [f"{top * level / height:5.2f} |" + "".join("#" if m >= top * (level - 0.5) / height else " "
+                                                         for m in means) for level in range(height, 0, -1)]
+    return "\n".join(rows + ["      +" + "-" * len(means), f"       steps 1 to {len(values)}"])
+
+
+def accuracy_per_type(policy, tokenizer, rows: list[dict], args, accelerator) -> dict[str, float]:
+    """Mean accuracy reward of greedy answers to held-out `rows`, per question type."""
+    predictions = evaluate(policy, tokenizer, rows, args, accelerator, protocol="training")[0]
+    types = sorted({p["question_type"] for p in predictions})
+    return {t: float(np.mean([p["score"] for p in predictions if p["question_type"] == t])) for t in types}
 
 
 def run_demo(argv: list[str]) -> dict:
     """Write synthetic data and a tiny model, score held-out questions, train with GRPO, score again."""
-    out, started, accelerator = parse_args(argv).output_dir, time.perf_counter(), make_accelerator()
+    out = parse_args(argv).output_dir
+    started = time.perf_counter()
+    accelerator = make_accelerator()
     transformers_logging.disable_progress_bar()  # the demo saves and loads its model several times
 
     def write_data():  # one writer (under accelerate launch); the other processes wait for the files
@@ -1334,23 +1427,23 @@ def run_demo(argv: list[str]) -> dict:
     on_main_process(accelerator, write_data)
     args = parse_args(demo_flags(out) + [a for a in argv if a != "--demo"] + ["--output-dir", f"{out}/run"])
     held_out = load_samples(args.eval_data, args.eval_video_root, args.prompt_mode)
-    per_type = lambda policy: {t: float(np.mean([p["score"] for p in predictions if p["question_type"] == t]))
-                               for predictions in [evaluate(policy, tokenizer, held_out, args, accelerator,
-                                                            protocol="training")[0]]
-                               for t in sorted({p["question_type"] for p in predictions})}
     policy, tokenizer = load_model(args, accelerator.device)  # loaded back as a real checkpoint is
-    before, after = per_type(policy), per_type(train(args))
+    before = accuracy_per_type(policy, tokenizer, held_out, args, accelerator)
+    after = accuracy_per_type(train(args), tokenizer, held_out, args, accelerator)
     blind = no_video_baseline(held_out)
-    result = {"before": before, "after": after, "no_video_best": blind, "seconds": time.perf_counter() - started,
-              "mean_before": float(np.mean(list(before.values()))), "mean_after": float(np.mean(list(after.values())))}
+    result = {"before": before, "after": after, "no_video_best": blind,
+              "seconds": time.perf_counter() - started, "mean_before": float(np.mean(list(before.values()))),
+              "mean_after": float(np.mean(list(after.values())))}
     if accelerator.is_main_process:
         print(f"\nheld-out accuracy ({len(held_out)} questions), greedy answers\n"
               f"{'question type':24} {'before':>7} {'after':>7} {'best without video':>19}")
         for t in before:
-            print(f"{t:24} {before[t]:7.2f} {after[t]:7.2f} {blind[t]:19.2f}{'  <- sees the video' if after[t] > blind[t] else ''}")
-        rewards_per_step = [json.loads(line)["reward"] for line in open(os.path.join(args.output_dir, "metrics.jsonl"))]
-        print(f"{'mean':24} {result['mean_before']:7.2f} {result['mean_after']:7.2f}\n\ntraining reward per step\n"
-              f"{reward_curve(rewards_per_step)}\n{result['seconds']:.0f} s in all")
+            sees = "  <- sees the video" if after[t] > blind[t] else ""
+            print(f"{t:24} {before[t]:7.2f} {after[t]:7.2f} {blind[t]:19.2f}{sees}")
+        metrics = open(os.path.join(args.output_dir, "metrics.jsonl"))
+        rewards = [json.loads(line)["reward"] for line in metrics]
+        print(f"{'mean':24} {result['mean_before']:7.2f} {result['mean_after']:7.2f}\n\ntraining reward per "
+              f"step\n{reward_curve(rewards)}\n{result['seconds']:.0f} s in all")
         with open(os.path.join(out, "demo.json"), "w") as f:
             json.dump(result, f, indent=1)
     return result
@@ -1358,12 +1451,16 @@ def run_demo(argv: list[str]) -> dict:
 
 # ---------------------------------------------------------------------------- the benchmark
 VSI_100K_QUESTIONS = 117_000  # about; the paper's training set
+# Dense bf16 peaks in TFLOP/s, from NVIDIA's datasheets (without sparsity), for model-FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}
 
 
 def run_benchmark(argv: list[str]) -> dict:
-    """--benchmark SIZE: the same steps, seed and videos on the straightforward path, then the default; a table."""
-    args, accelerator = parse_args(argv), make_accelerator()
-    out, steps = args.output_dir, args.max_steps or 4
+    """--benchmark SIZE: the same steps, seed and videos on the straightforward path, then the default."""
+    args = parse_args(argv)
+    accelerator = make_accelerator()
+    steps = args.max_steps or 4
+    out = args.output_dir
     transformers_logging.disable_progress_bar()
 
     def write_data():  # one writer; the other processes wait for the files
@@ -1374,16 +1471,15 @@ def run_benchmark(argv: list[str]) -> dict:
     results = {}
     for path in ("straightforward", "default"):
         run = parse_args(["--model", f"{out}/model", "--data", f"{out}/benchmark.jsonl", "--video-root",
-                          f"{out}/videos", "--save-every", "0", "--log-completions-every", "0"] + argv +
-                         ["--max-steps", str(steps), "--output-dir", os.path.join(out, path)])
+                          f"{out}/videos", "--save-every", "0", "--log-completions-every", "0", *argv,
+                          "--max-steps", str(steps), "--output-dir", os.path.join(out, path)])
         run.straightforward = path == "straightforward"
         DECODED.clear()  # each path decodes its videos, as a run of its own does: not the other path's cache
-        train(run)
-        measured = [json.loads(line) for line in open(os.path.join(run.output_dir, "metrics.jsonl"))][1:]
-        mean = {k: float(np.mean([m.get(k, 0.0) for m in measured])) for k in measured[0]
-                if k.startswith("seconds_") or k in ("generated_tokens_per_s", "train_tokens_per_s", "video_encodings")}
-        results[path] = {"step_seconds": sum(v for k, v in mean.items() if k.startswith("seconds_")), **mean,
-                         "peak_memory_gb": max(m["peak_memory_gb"] for m in measured)}
+        try:
+            results[path] = path_figures(run, train(run), accelerator.num_processes)
+        except torch.OutOfMemoryError as e:  # reported as such; the other path is still measured
+            results[path] = {"out_of_memory": str(e).splitlines()[0]}
+            torch.cuda.empty_cache()
     if accelerator.is_main_process:
         print_benchmark(results, args, accelerator.num_processes, steps)
         with open(os.path.join(out, "benchmark.json"), "w") as f:
@@ -1391,78 +1487,128 @@ def run_benchmark(argv: list[str]) -> dict:
     return results
 
 
-def print_benchmark(results: dict, args, processes: int, steps: int) -> None:
-    plain, default = results["straightforward"], results["default"]
+def path_figures(run, policy, processes: int) -> dict:
+    """A path's means over steps 2 onwards (step 1 warms up), what they make of a VSI-100k epoch, and the
+    model-FLOPs utilisation of the pi_theta passes: 6 FLOPs per language-model parameter and token."""
+    measured = [json.loads(line) for line in open(os.path.join(run.output_dir, "metrics.jsonl"))][1:]
+    kept = ("generated_tokens_per_s", "policy_tokens_per_s", "video_encodings")
+    mean = {k: float(np.mean([m.get(k, 0.0) for m in measured])) for k in measured[0]
+            if k.startswith("seconds_") or k in kept}
+    step_seconds = sum(v for k, v in mean.items() if k.startswith("seconds_"))
+    questions_per_s = run.batch_size * processes / step_seconds
+    figures = {"step_seconds": step_seconds, **mean, "questions_per_s": questions_per_s,
+               "epoch_device_hours": VSI_100K_QUESTIONS / questions_per_s * processes / 3600,
+               "peak_memory_gb": max(m["peak_memory_gb"] for m in measured)}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\nbenchmark: {args.benchmark}, {processes} x {device}, {args.batch_size} question(s) x G="
-          f"{args.num_generations} per process, {args.num_frames} frames of at most {args.max_pixels} pixels, "
-          f"{args.max_completion_length} new tokens, LoRA rank {args.lora_rank}; means of steps 2 to {steps}\n\n"
-          "| | straightforward | default |\n|---|---:|---:|")
-    for key, value in default.items():
+    peak = next((tflops for name, tflops in PEAK_BF16_TFLOPS.items() if name in device), None)
+    if peak:
+        language_model = policy.model.language_model.named_parameters()
+        parameters = sum(p.numel() for name, p in language_model if "lora_" not in name)
+        figures["policy_mfu"] = 6 * parameters * mean["policy_tokens_per_s"] / (peak * 1e12)
+    return figures
+
+
+def print_benchmark(results: dict, args, processes: int, steps: int) -> None:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\nbenchmark: {args.benchmark}, {processes} x {device}, {args.batch_size} question(s) x "
+          f"G={args.num_generations} per process, {args.num_frames} frames of at most {args.max_pixels} "
+          f"pixels, {args.max_completion_length} new tokens, LoRA rank {args.lora_rank}; means of steps 2 "
+          f"to {steps}\n\n| | straightforward | default |\n|---|---:|---:|")
+    for key in dict.fromkeys(k for figures in results.values() for k in figures):
         label = f"- {key[8:]} (s)" if key.startswith("seconds_") else key.replace("_", " ")
-        print(f"| {label} | {plain.get(key, 0.0):.4g} | {value:.4g} |")
-    hours = VSI_100K_QUESTIONS / args.batch_size / processes * default["step_seconds"] / 3600
-    print(f"\nsteps per second, default / straightforward: {plain['step_seconds'] / default['step_seconds']:.2f}x\n"
-          f"one epoch of VSI-100k ({VSI_100K_QUESTIONS} questions) on the default path: {hours:.1f} hours on "
-          f"{processes} device(s)")
+        cells = [figures.get(key, "-") for figures in results.values()]
+        print(f"| {label} | " + " | ".join(f"{c:.4g}" if isinstance(c, float) else c for c in cells) + " |")
+    plain, default = (results[path].get("step_seconds") for path in ("straightforward", "default"))
+    if plain and default:
+        print(f"\nsteps per second, default / straightforward: {plain / default:.2f}x")
+    if "policy_mfu" not in results["default"]:
+        print("model-FLOPs utilisation: not computed (on a CPU, or a GPU whose bf16 peak is not listed)")
 
 
-# ---------------------------------------------------------------------------- the tools' flags, and main
-def tool_flags(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument_group("running, saving and evaluating").add_argument
-    a("--straightforward", action="store_true", help="every pass takes each completion with its own copy of the "
-      "prompt and video, and encodes that video again (slow; for the tests and the benchmark)")
-    a("--output-dir", default="runs/vsgrpo", help="metrics.jsonl, args.json and checkpoints go here")
-    a("--resume", nargs="?", const="latest", help="continue the run in --output-dir from its newest sound checkpoint, "
-      "or from PATH")
-    a("--overwrite", action="store_true", help="delete the earlier run in --output-dir: its metrics and checkpoints")
-    a("--save-every", type=int, default=500, help="checkpoint every N steps and at the end (0: only when stopped)")
-    a("--keep", type=int, default=3, help="checkpoints kept, the newest (our choice)")
-    a("--log-completions-every", type=int, default=10, help="print one question's G completions every N steps")
-    a("--report-to", default="none", help="also log to accelerate's trackers when installed: tensorboard, wandb, ...")
-    a("--max-bad-video-fraction", type=float, default=0.5, help="stop when more of the distinct videos tried "
-      f"fail to decode (after {MIN_VIDEOS_TRIED} tried; our choice)")
-    a("--check-data", action="store_true", help="check every row and video of --data (in parallel) and exit")
-    a("--trust-remote-code", action="store_true", help="let the checkpoint run its own code (off: safe loading)")
-    a("--eval-only", action="store_true", help="score --model on --eval-data (VSI-Bench) and exit")
-    a("--eval-data", nargs="+", help="VSI-Bench rows: JSON or JSONL with the benchmark's field names")
-    a("--eval-video-root", default=".", help="a row's video is {root}/{dataset}/{scene_name}.mp4")
-    a("--eval-prompt", choices=list(PROMPTS), default="vanilla", help="vanilla: the benchmark's own protocol")
-    a("--eval-num-frames", type=int, default=32, help="VSI-Bench gave open models 32 frames")
-    a("--eval-batch-size", type=int, default=8, help="questions per generate call (our choice)")
-    a("--eval-every", type=int, default=0, help="during training, score --eval-limit held-out questions every N steps")
-    a("--eval-limit", type=int, default=0, help="questions scored by --eval-every (0 = all)")
-    a("--demo", action="store_true", help="offline, on a CPU: synthetic videos, a tiny model, GRPO, before/after")
-    a("--benchmark", choices=list(SIZES), help="time --max-steps steps (default 4) of a random model of this size, "
-      "on the straightforward and the default path, on synthetic videos")
-
-
+# ---------------------------------------------------------------------------- flags, and main
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # not "(default: None)" (such flags say it in words) or a switch's False
-        return action.help if action.default is None or action.nargs == 0 else super()._get_help_string(action)
+    def _get_help_string(self, action):  # no "(default: None)" (such flags say it in words) or switch's False
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # under accelerate launch each process parses the flags; one says what is wrong
+    def error(self, message: str):  # under accelerate launch each process parses the flags; one says why
         if not rank_zero():
             self.exit(2)
         super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).", formatter_class=HelpFormatter)
-    method_flags(parser)
-    tool_flags(parser)
+    """Every flag with its default's source: "paper" is 2504.00883; "open recipes" are the open video-GRPO
+    recipes for Qwen2-VL, for what the paper leaves out; "our choice" where neither says."""
+    # allow_abbrev=False: a prefix of a flag (--learning for --learning-rate) is a mistake, not that flag.
+    parser = Parser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).",
+                    formatter_class=HelpFormatter, allow_abbrev=False)
+    a = parser.add_argument_group("the method").add_argument
+    a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub name or local path (paper: Qwen2-VL-2B/7B)")
+    a("--data", nargs="+", help="training rows: JSON or JSONL files or globs (paper: VSI-100k)")
+    a("--video-root", default=".", help="directory the rows' video paths are relative to")
+    a("--prompt-mode", choices=list(PROMPTS), default="vanilla", help="paper's best model, vsGRPO-V: vanilla")
+    a("--num-frames", type=int, default=16, help="frames per video (open recipes: 16)")
+    a("--max-pixels", type=int, default=128 * 28 * 28, help="pixels per frame, at most (open recipes)")
+    a("--rewards", nargs="+", choices=sorted(REWARDS), help="default: accuracy, plus format outside vanilla")
+    a("--reward-weights", nargs="+", type=float, help="one per reward (default: all 1)")
+    a("--num-generations", "-G", type=int, default=14, help="completions per question G (paper: 14)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
+    a("--max-completion-length", type=int, default=512, help="new tokens per completion (open recipes: 512+)")
+    a("--beta", type=float, default=1e-4, help="KL coefficient (paper: 1e-4; 0 skips the reference pass)")
+    a("--clip-eps", type=float, default=0.2, help="ratio clip epsilon (PPO and GRPO's usual; paper silent)")
+    a("--num-iterations", type=int, default=1, help="optimisation passes mu over each rollout batch (GRPO)")
+    a("--loss-aggregation", choices=["sequence", "token"], default="sequence",
+      help="sequence: Eq. 1's 1/G sum_i 1/|o_i| sum_t; token: every token of a step weighs the same")
+    a("--learning-rate", type=float, default=1e-5, help="paper: 1e-5 for 2B, 5e-6 for 7B; constant")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (our choice)")
+    a("--batch-size", type=int, default=16, help="questions per process per optimizer step (our choice, "
+      "measured: on one H200 at the paper's 2B setting, 16 ran 12x more questions/s than 1, in 28 GB)")
+    a("--micro-batch-size", type=int, default=14, help="completions per forward: G (14) is one question; "
+      "a multiple of G packs several (faster, more memory), less than G splits one (long completions)")
+    a("--max-steps", type=int, default=0, help="optimisation steps (0 = one pass over the data)")
+    a("--lora-rank", type=int, default=64, help="0: full fine-tuning (paper: LoRA, rank unsaid)")
+    a("--lora-alpha", type=float, default=128, help="LoRA scale is alpha / rank (our choice)")
+    a("--gradient-checkpointing", action="store_true", help="trade compute for memory (open recipes use it)")
+    a("--seed", type=int, default=0, help="seeds LoRA initialisation, data order and sampling")
+    a = parser.add_argument_group("running, saving and evaluating").add_argument
+    a("--straightforward", action="store_true", help="every pass takes each completion with its own copy "
+      "of the prompt and video, and encodes that video again (slow; for the tests and the benchmark)")
+    a("--output-dir", default="runs/vsgrpo", help="metrics.jsonl, args.json and checkpoints go here")
+    a("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
+    a("--overwrite", action="store_true", help="delete the earlier run in --output-dir: metrics, checkpoints")
+    a("--save-every", type=int, default=500, help="checkpoint every N steps and at the end (0: on a stop)")
+    a("--keep", type=int, default=3, help="checkpoints kept, the newest (our choice)")
+    a("--log-completions-every", type=int, default=10, help="print a question's G completions every N steps")
+    a("--report-to", default="none", help="also log to accelerate's trackers, when installed: tensorboard...")
+    a("--max-bad-video-fraction", type=float, default=0.5, help="stop when more of the distinct videos tried "
+      f"fail to decode (after {MIN_VIDEOS_TRIED} tried; our choice)")
+    a("--trust-remote-code", action="store_true", help="let the checkpoint run its own code (off: safe)")
+    a("--eval-only", action="store_true", help="score --model on --eval-data (VSI-Bench) and exit")
+    a("--eval-data", nargs="+", help="VSI-Bench rows: JSON or JSONL with the benchmark's field names")
+    a("--eval-video-root", default=".", help="a row's video is {root}/{dataset}/{scene_name}.mp4")
+    a("--eval-prompt", choices=list(PROMPTS), default="vanilla", help="vanilla: the benchmark's own protocol")
+    a("--eval-num-frames", type=int, default=32, help="VSI-Bench gave open models 32 frames")
+    a("--eval-batch-size", type=int, default=8, help="questions per generate call (our choice)")
+    a("--eval-every", type=int, default=0, help="in training, score --eval-limit held-out questions every N")
+    a("--eval-limit", type=int, default=0, help="questions scored by --eval-every (0 = all)")
+    a("--demo", action="store_true", help="offline, on a CPU: synthetic videos, a tiny model, GRPO, scores")
+    a("--benchmark", choices=list(SIZES), help="time --max-steps steps (default 4) of a random model of this "
+      "size, on the straightforward and the default path, on synthetic videos")
     return parser
 
 
 # The range of every numeric flag: (lowest, highest); a float 0.0 as the lowest means "positive".
 RANGES = {
-    "num_generations": (2, None), "num_frames": (1, None), "eval_num_frames": (1, None), "max_pixels": (28 * 28, None),
-    "max_completion_length": (1, None), "temperature": (0.0, None), "beta": (0, None), "clip_eps": (0.0, 1),
-    "num_iterations": (1, None), "learning_rate": (0.0, None), "max_grad_norm": (0.0, None), "batch_size": (1, None),
-    "micro_batch_size": (1, None), "max_steps": (0, None), "lora_rank": (0, None), "lora_alpha": (0.0, None),
-    "seed": (0, None), "max_bad_video_fraction": (0, 1), "log_completions_every": (0, None), "save_every": (0, None),
+    "num_generations": (2, None), "num_frames": (1, None), "eval_num_frames": (1, None),
+    "max_pixels": (28 * 28, None), "max_completion_length": (1, None), "temperature": (0.0, None),
+    "beta": (0, None), "clip_eps": (0.0, 1), "num_iterations": (1, None), "learning_rate": (0.0, None),
+    "max_grad_norm": (0.0, None), "batch_size": (1, None), "micro_batch_size": (1, None),
+    "max_steps": (0, None), "lora_rank": (0, None), "lora_alpha": (0.0, None), "seed": (0, None),
+    "max_bad_video_fraction": (0, 1), "log_completions_every": (0, None), "save_every": (0, None),
     "keep": (1, None), "eval_batch_size": (1, None), "eval_every": (0, None), "eval_limit": (0, None),
 }
 
@@ -1471,14 +1617,17 @@ def flag_problems(args) -> list[str]:
     """What is wrong with the flags' values and how they combine, checked before anything loads."""
     problems = []
     for name, (low, high) in RANGES.items():
-        flag, value = "--" + name.replace("_", "-"), getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        value = getattr(args, name)
         if low == 0.0 and isinstance(low, float) and not value > 0:  # "not >" catches nan too
             problems.append(f"{flag} must be positive, got {value}")
         elif not value >= low:
-            problems.append(f"{flag} must be at least {low}{' (one 28x28 patch)' * (name == 'max_pixels')}, got {value}")
+            patch = " (one 28x28 patch)" if name == "max_pixels" else ""
+            problems.append(f"{flag} must be at least {low}{patch}, got {value}")
         elif high is not None and not value <= high:
             problems.append(f"{flag} must be at most {high}, got {value}")
-    trackers, existing = {t.value for t in get_available_trackers()} | {"none", "all"}, os.path.abspath(args.output_dir)
+    trackers = {t.value for t in get_available_trackers()} | {"none", "all"}
+    existing = os.path.abspath(args.output_dir)
     while not os.path.exists(existing):  # the output directory's nearest existing ancestor decides
         existing = os.path.dirname(existing)
     return problems + [problem for bad, problem in [
@@ -1487,11 +1636,15 @@ def flag_problems(args) -> list[str]:
         (not all(map(math.isfinite, args.reward_weights)), "--reward-weights must be finite numbers"),
         ("format" in args.rewards and args.prompt_mode == "vanilla",
          "the format reward needs --prompt-mode think or observe: the vanilla prompt asks for no tags"),
-        (not args.data and not (args.eval_only or args.demo or args.benchmark), "--data is required (no data yet? try --demo)"),
-        (args.benchmark and args.max_steps == 1, "--benchmark needs --max-steps of 2 or more: step 1 is warm-up"),
-        ((args.eval_only or args.eval_every) and not args.eval_data, "--eval-only and --eval-every need --eval-data"),
-        (args.report_to not in trackers, f"--report-to {args.report_to}: not installed (choices here: {sorted(trackers)})"),
-        (not os.path.isdir(existing), f"--output-dir {args.output_dir}: {existing} is a file, not a directory"),
+        (not args.data and not (args.eval_only or args.demo or args.benchmark),
+         "--data is required (no data yet? try --demo)"),
+        (args.benchmark and args.max_steps == 1, "--benchmark needs --max-steps of 2 or more: 1 warms up"),
+        ((args.eval_only or args.eval_every) and not args.eval_data,
+         "--eval-only and --eval-every need --eval-data"),
+        (args.report_to not in trackers,
+         f"--report-to {args.report_to}: not installed (choices here: {sorted(trackers)})"),
+        (not os.path.isdir(existing),
+         f"--output-dir {args.output_dir}: {existing} is a file, not a directory"),
         (os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK),
          f"--output-dir {args.output_dir}: {existing} is not writable"),
     ] if bad]
@@ -1516,23 +1669,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if not rank_zero():  # one bar while a model loads, not one per process
+        transformers_logging.disable_progress_bar()
     try:
-        if args.check_data:
-            sys.exit(run_check_data(args))
-        run = run_demo if args.demo else run_benchmark if args.benchmark else None
-        result = run(argv) if run else run_evaluation(args) if args.eval_only else train(args)
+        if args.demo:
+            result = run_demo(argv)
+        elif args.benchmark:
+            result = run_benchmark(argv)
+        elif args.eval_only:
+            result = run_evaluation(args)
+        else:
+            result = train(args)
     except DataError as e:  # every process stops alike; one says why
         sys.exit(f"error: {e}" if rank_zero() else 1)
     except RunStopped as e:
         if rank_zero():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
-    except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the run's handlers are in place
+    except KeyboardInterrupt:  # Ctrl-C before the run's handlers are in place, or in the tools
         newest = [] if args.demo or args.benchmark or args.eval_only else checkpoints(args.output_dir)
-        message = (str(e) or "interrupted") + (f"; the newest complete checkpoint is {newest[-1]}: continue with "
-                                               "--resume" if newest else "")
-        sys.exit(message if rank_zero() else 1)
-    make_accelerator().end_training()  # once, after every pass that needed the process group
+        resume = f"; the newest complete checkpoint is {newest[-1]}: continue with --resume" if newest else ""
+        sys.exit(f"interrupted{resume}" if rank_zero() else 1)
+    if torch.distributed.is_initialized():  # once, after every pass that needed the processes
+        torch.distributed.destroy_process_group()
     return result
 
 
