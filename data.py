@@ -164,10 +164,14 @@ def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Gen
     run has tried, True if it decoded, so a bad one is never drawn twice: its row is replaced by a random one
     whose video decoded before (early in a run, by any not known bad). After 10 failures per row the batch
     comes back short, and the training loop stops the run, saved."""
-    loaded, videos, failures, candidates = [], [], [], list(indices)
+    loaded = []
+    videos = []
+    failures = []
+    candidates = list(indices)
     while len(loaded) < len(indices) and len(failures) < 10 * len(indices):
-        pool = candidates or [i for i, s in enumerate(samples) if decoded.get(s["video"])] or \
-            [i for i, s in enumerate(samples) if decoded.get(s["video"]) is not False]
+        pool = candidates or [i for i, s in enumerate(samples) if decoded.get(s["video"])]
+        if not pool:  # early in a run, when no video has decoded yet: any not known to be bad
+            pool = [i for i, s in enumerate(samples) if decoded.get(s["video"]) is not False]
         if not pool:
             break  # every video has failed
         sample = samples[candidates.pop(0) if candidates else int(rng.choice(pool))]
@@ -286,8 +290,9 @@ def prompt_ids(tokenizer, text: str, video_grid_thw: torch.Tensor, video_token_i
     """Token ids of the chat prompt, its one video placeholder expanded to t*h*w/4 video tokens. Nothing is
     ever truncated: cutting through the video tokens would leave the tower's features without places."""
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
-    chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
-        if tokenizer.chat_template else QWEN2VL_CHAT.format(text=text)
+    chat = QWEN2VL_CHAT.format(text=text)  # a checkpoint without a template: Qwen2-VL's, written out
+    if tokenizer.chat_template:
+        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
     if ids.count(video_token_id) != 1:
         raise DataError(f"the chat prompt must hold exactly one video placeholder, found "

@@ -869,12 +869,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) -> str:
-    """checkpoint-N/: the merged model; in trainer/ what --resume needs; sizes.json, written last.
-
-    Written to checkpoint-N.partial and renamed into place, so a kill during a save leaves no
-    checkpoint that looks complete and is not. A failed save (a full disk) removes its partial
-    files and stops the run. Only the newest --keep are kept.
-    """
+    """checkpoint-N/: the merged model; in trainer/ what --resume needs; sizes.json, written last. Written to
+    checkpoint-N.partial and renamed into place: a kill during a save leaves no checkpoint that looks
+    complete. A failed save (a full disk) removes its partial files and stops the run. The newest --keep
+    are kept."""
     final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
     partial = final + ".partial"
     trainer = os.path.join(partial, "trainer")
@@ -948,8 +946,16 @@ def checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, n) for n in sorted(names) if re.fullmatch(r"checkpoint-\d+", n)]
 
 
+# Flags a resumed run may change: none changes what a step computes.
+MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_every", "eval_limit",
+              "eval_data", "eval_video_root", "eval_prompt", "eval_num_frames", "eval_batch_size", "resume",
+              "overwrite", "micro_batch_size", "gradient_checkpointing", "straightforward",
+              "max_bad_video_fraction", "eval_only", "demo", "benchmark", "trust_remote_code", "report_to"}
+
+
 def checkpoint_to_resume(args, world_size: int, steps: int) -> str:
-    """The newest checkpoint in --output-dir, if it is sound and comes from a run with these settings."""
+    """The newest checkpoint in --output-dir, if it is sound, comes from a run with these settings, and has
+    steps left to train."""
     found = checkpoints(args.output_dir)
     if not found:
         raise DataError(f"--resume: no complete checkpoint in {args.output_dir}; nothing was changed "
@@ -959,19 +965,8 @@ def checkpoint_to_resume(args, world_size: int, steps: int) -> str:
         sound = next((c for c in reversed(found[:-1]) if not checkpoint_problem(c)), None)
         advice = f"move it aside to resume from the newest sound one, {sound}" if sound else "none is sound"
         raise DataError(f"--resume: {problem}; {advice}")
-    return same_run(found[-1], args, world_size, steps)
-
-
-# Flags a resumed run may change: none changes what a step computes.
-MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_every", "eval_limit",
-              "eval_data", "eval_video_root", "eval_prompt", "eval_num_frames", "eval_batch_size", "resume",
-              "overwrite", "micro_batch_size", "gradient_checkpointing", "straightforward",
-              "max_bad_video_fraction", "eval_only", "demo", "benchmark", "trust_remote_code", "report_to"}
-
-
-def same_run(path: str, args, world_size: int, steps: int) -> str:
-    """`path`, if its run had these settings (and as many processes: they set the data order) and has
-    steps left to train; else stop."""
+    path = found[-1]
+    # The same settings, and as many processes: they set the data order.
     with open(os.path.join(path, "trainer", "state.json")) as f:
         state = json.load(f)
     now = {**json.loads(json.dumps(vars(args))), "world_size": world_size}
@@ -1086,8 +1081,9 @@ def agreed_stop(accelerator, signals: StopSignals, decoded: dict, batch_short: b
     over = tried.sum() >= MIN_VIDEOS_TRIED and bad.sum() > args.max_bad_video_fraction * tried.sum()
     if not over and not short.any():
         return None
-    why = f"over --max-bad-video-fraction {args.max_bad_video_fraction}" if over else \
-        "so many that a batch could not be filled"
+    why = "so many that a batch could not be filled"
+    if over:
+        why = f"over --max-bad-video-fraction {args.max_bad_video_fraction}"
     return (f"stopped: {int(bad.sum())} of the {int(tried.sum())} distinct videos tried failed to decode, "
             f"{why} (the warnings above name them)"), 1
 
