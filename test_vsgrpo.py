@@ -1777,20 +1777,30 @@ def test_the_same_seed_writes_byte_identical_videos(tmp_path):
     assert differ == []
 
 
-def test_the_demo_as_the_readme_runs_it_learns_to_see_colour_beyond_any_video_blind_answer(tmp_path, capsys):
+def test_the_demo_as_the_readme_runs_it_learns_to_see_colour_beyond_any_video_blind_answer(tmp_path, capsys,
+                                                                                            monkeypatch):
     # The README's claim: colour, the one type a model can only answer by looking, ends well above the best
     # answer blind to the video (priors alone lift the other types, so a mean over types would not show it).
-    result = vsgrpo.main(["--demo", "--output-dir", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)                                   # a fresh directory, no --output-dir: as written
+    result = vsgrpo.main(["--demo"])
+    demo = tmp_path / "runs" / "demo"
     for name in ("train.jsonl", "heldout.jsonl", "run/metrics.jsonl", "demo.json", "model/config.json",
                  "model/tokenizer.json", "run/checkpoint-000400/model.safetensors"):
-        assert os.path.exists(tmp_path / name), name
-    assert len(os.listdir(tmp_path / "videos" / "synthetic")) == 600
-    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 400
+        assert os.path.exists(demo / name), name
+    assert len(os.listdir(demo / "videos" / "synthetic")) == 600
+    assert len(open(demo / "run" / "metrics.jsonl").readlines()) == 400
     assert result["after"]["object_colour"] > result["no_video_best"]["object_colour"] + 0.2, result
     assert result["mean_after"] > result["mean_before"] + 0.3, result
     out = capsys.readouterr().out
     assert "held-out accuracy (200 questions)" in out and "steps 1 to 400" in out and "A=" in out
     assert re.search(r"object_colour .*<- sees the video", out)
+    # The README's next command, the benchmark (here a short one), was refused: it wrote into runs/vsgrpo too.
+    results = vsgrpo.main(["--benchmark", "tiny", "--max-steps", "2", "-G", "2", "--num-frames", "2", "--max-pixels",
+                           str(56 * 56), "--max-completion-length", "2", "--batch-size", "1"])
+    assert results["default"]["step_seconds"] > 0 and os.path.exists("runs/benchmark-tiny/benchmark.json")
+    with pytest.raises(SystemExit) as stopped:                  # a second demo there is refused, as it was
+        vsgrpo.main(["--demo"])
+    assert str(stopped.value).startswith("error: --output-dir runs/demo holds an earlier run (demo.json, heldout")
 
 
 # ----------------------------------------------------------------------------- long runs survive
@@ -2287,7 +2297,20 @@ def test_a_flag_error_under_accelerate_launch_is_said_once(tmp_path):
     done = run_processes([*LAUNCH_TWO, os.path.join(HERE, "vsgrpo.py"), "--demo", "--learning-rate", "-1",
                           "--output-dir", str(tmp_path)])
     assert done.returncode != 0 and done.stderr.count("--learning-rate must be positive, got -1.0") == 1
-    assert done.stderr.count("usage: ") == 1, done.stderr[-3000:]
+    assert "usage: " not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-generations", "1"], "--num-generations must be at least 2, got 1"),
+    (["-G", "many"], "argument --num-generations/-G: invalid int value: 'many'"),
+    (["--prompt-mode", "chatty"], "argument --prompt-mode: invalid choice: 'chatty'")])
+def test_a_flag_mistake_is_one_line_naming_the_flag_and_its_value(tmp_path, flags, message):
+    # It followed the whole 29-line usage, where data and run errors print their one line alone.
+    done = subprocess.run([sys.executable, os.path.join(HERE, "vsgrpo.py"), "--demo", *flags], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == "" and os.listdir(tmp_path) == []
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"error: {message}") and line.endswith("(see --help)")
 
 
 FULL_DISK = """

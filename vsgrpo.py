@@ -3,7 +3,8 @@
 Part I, the method, follows the paper's section 3.2, up to train(), whose set-up sits in sight of its step
 loop. Below a banner, the tools keep the run's books and hold evaluation, the demo, the benchmark and main:
 
-    accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data "vsi100k/*.json" --video-root scannet
+    accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data "vsi100k/*.json" \\
+        --video-root scannet_videos
 """
 import math
 from contextlib import contextmanager, nullcontext
@@ -247,7 +248,9 @@ def completion_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: to
     k = n // len((rows // args.num_generations).unique())
     inputs = packed_inputs(model, batch, completion_ids, rows, args.num_generations)
     logits = model(**inputs, use_cache=False, logits_to_keep=k * C + 1).logits             # [n/k, 1 + k*C, V]
-    # o_j's token t is predicted at the prompt's last position (t = 0), else at o_j's token t - 1.
+    # The logit at a token predicts the token after it. With k = 2 completions a, b of C = 3 tokens, the kept
+    # logits sit at [p, a0, a1, a2, b0, b1, b2] = 0..6, p the prompt's last token: a's tokens are predicted at
+    # [0, 1, 2] and b's at [0, 4, 5]. b0's is p's logit, not a2's: b sees the prompt, never a.
     at = torch.arange(C, device=logits.device) + C * torch.arange(k, device=logits.device)[:, None]  # [k, C]
     at = at.masked_fill(at % C == 0, 0)
     return token_logps(logits[:, at].flatten(0, 1), completion_ids[rows], model, args)
@@ -486,7 +489,7 @@ def train(args) -> nn.Module:
         set_seed(args.seed, device_specific=True)  # but different samples on each process
         start = books.begin(policy, optimizer, tokenizer, ref_model)  # 0, or the checkpoint's step
         for step in range(start + 1, books.steps + 1):
-            with timed("video_loading"):  # decoded in the background during the step before
+            with timed("video_loading"):  # on a GPU, decoded in the background during the step before
                 rows, videos = books.videos_for(step)
                 batch = collate(rows, [question_text(r) for r in rows], videos, tokenizer,
                                 policy.config.video_token_id, accelerator.device)
@@ -1454,7 +1457,7 @@ PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}
 
 
 def run_benchmark(argv: list[str]) -> dict:
-    """--benchmark SIZE: the same steps, seed and videos on the straightforward path, then the default."""
+    """--benchmark SIZE: the same steps, seed and videos on the default path, then the straightforward one."""
     args = parse_args(argv)
     accelerator = make_accelerator()
     steps = args.max_steps or 4
@@ -1466,8 +1469,9 @@ def run_benchmark(argv: list[str]) -> dict:
         synthetic_setup(out, args.benchmark, args.batch_size * accelerator.num_processes * steps, args.seed,
                         num_frames=args.num_frames, name="benchmark", scale=4)
     on_main_process(accelerator, write_data)
-    results = {}
-    for path in ("straightforward", "default"):
+    results = {"straightforward": {}, "default": {}}
+    # The default path first: on a CPU, peak memory is the process's peak so far, so each path's is its own.
+    for path in ("default", "straightforward"):
         run = parse_args(["--model", f"{out}/model", "--data", f"{out}/benchmark.jsonl", "--video-root",
                           f"{out}/videos", "--save-every", "0", "--log-completions-every", "0", *argv,
                           "--max-steps", str(steps), "--output-dir", os.path.join(out, path)])
@@ -1532,10 +1536,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # under accelerate launch each process parses the flags; one says why
-        if not rank_zero():
-            self.exit(2)
-        super().error(message)
+    def error(self, message: str):
+        """A flag mistake in one line, as a data error is, without the whole usage before it; exit 2."""
+        if rank_zero():  # under accelerate launch each process parses the flags; one says why
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        self.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1575,7 +1580,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = parser.add_argument_group("running, saving and evaluating").add_argument
     a("--straightforward", action="store_true", help="every pass takes each completion with its own copy "
       "of the prompt and video, and encodes that video again (slow; for the tests and the benchmark)")
-    a("--output-dir", default="runs/vsgrpo", help="metrics.jsonl, args.json and checkpoints go here")
+    a("--output-dir", help="metrics.jsonl, args.json and checkpoints go here (default: runs/vsgrpo; the demo's "
+      "runs/demo, the benchmark's runs/benchmark-SIZE)")
     a("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
     a("--overwrite", action="store_true", help="delete the earlier run in --output-dir: metrics, checkpoints")
     a("--save-every", type=int, default=500, help="checkpoint every N steps and at the end (0: on a stop)")
@@ -1654,6 +1660,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.rewards = args.rewards or DEFAULT_REWARDS[args.prompt_mode]
     args.reward_weights = args.reward_weights or [1.0] * len(args.rewards)
+    # The demo and the benchmark have directories of their own: neither refuses to run after the other.
+    tool = "demo" if args.demo else f"benchmark-{args.benchmark}" if args.benchmark else "vsgrpo"
+    args.output_dir = args.output_dir or f"runs/{tool}"
     for problem in flag_problems(args):
         parser.error(problem)
     try:
