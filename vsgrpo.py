@@ -1580,8 +1580,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = parser.add_argument_group("running, saving and evaluating").add_argument
     a("--straightforward", action="store_true", help="every pass takes each completion with its own copy "
       "of the prompt and video, and encodes that video again (slow; for the tests and the benchmark)")
-    a("--output-dir", help="metrics.jsonl, args.json and checkpoints go here (default: runs/vsgrpo; the demo's "
-      "runs/demo, the benchmark's runs/benchmark-SIZE)")
+    a("--output-dir", help="metrics.jsonl, args.json and checkpoints go here (default: runs/vsgrpo; the "
+      "demo's runs/demo, the benchmark's runs/benchmark-SIZE)")
     a("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
     a("--overwrite", action="store_true", help="delete the earlier run in --output-dir: metrics, checkpoints")
     a("--save-every", type=int, default=500, help="checkpoint every N steps and at the end (0: on a stop)")
