@@ -1,7 +1,7 @@
-"""From files on disk to Qwen2-VL inputs: rows, videos, frames, patches, prompts.
+"""From files on disk to Qwen-VL inputs: rows, videos, frames, patches, prompts.
 
-transformers' Qwen2-VL video processor needs torchvision and Pillow, so its few steps are written out
-here: uniform frame sampling, the "smart resize" rule, CLIP normalisation and the patch layout."""
+transformers' Qwen-VL video processors need torchvision and Pillow, so their few steps are written out
+here: uniform frame sampling, the "smart resize" rule, normalisation, the patch layout and the prompt."""
 import glob
 import json
 import math
@@ -9,11 +9,13 @@ import os
 import re
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.utils import cached_file
 
 from rewards import to_float
 
@@ -153,17 +155,174 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str,
     return samples
 
 
+# ----------------------------------------------------------------------------- the checkpoint's video format
+@dataclass(frozen=True)
+class VideoFormat:
+    """How a checkpoint's vision tower takes video: where the Qwen-VL generations differ, as data."""
+    family: str                        # config.json's model_type: qwen2_vl, qwen2_5_vl or qwen3_vl
+    patch: int = 14                    # pixels per side of a patch
+    temporal_patch: int = 2            # frames per patch: the tower embeds frames in pairs
+    merge: int = 2                     # a merge x merge block of patches becomes one token
+    mean: tuple = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, as Qwen2-VL publishes it
+    std: tuple = (0.26862954, 0.26130258, 0.27577711)
+
+
+# Each family's published preprocessing (transformers' processors for it), for what a checkpoint leaves out.
+FAMILIES = {"qwen2_vl": VideoFormat("qwen2_vl"), "qwen2_5_vl": VideoFormat("qwen2_5_vl"),
+            "qwen3_vl": VideoFormat("qwen3_vl", patch=16, mean=(0.5,) * 3, std=(0.5,) * 3)}
+SUPPORTED = "qwen2_vl (Qwen2-VL), qwen2_5_vl (Qwen2.5-VL) and qwen3_vl (Qwen3-VL)"
+
+
+def checkpoint_json(model: str, name: str, required: bool = False) -> dict:
+    """A JSON file of checkpoint `model` (a directory or a hub name); {} if it has none. Only a required one
+    raises OSError when the hub cannot give it (not found, or no network)."""
+    path = cached_file(model, name, _raise_exceptions_for_missing_entries=required)
+    if path is None:
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def video_format(model: str) -> VideoFormat:
+    """The family of checkpoint `model` and its video format, read before any weights load: sizes from
+    config.json (the model's own), mean and std from the processor config the checkpoint ships."""
+    try:
+        config = checkpoint_json(model, "config.json", required=True)
+    except OSError as e:  # no checkpoint at that path, or no hub to give it
+        raise DataError(f"--model {model}: {str(e).splitlines()[0]}") from None
+    if not config:
+        raise DataError(f"--model {model}: no config.json in {model}: not a checkpoint")
+    family = config.get("model_type")
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        raise DataError(f"--model {model} is a Qwen3.5 ({family}): three of every four of its text layers "
+                        "are recurrent (Gated DeltaNet), so completions packed behind one prompt would see "
+                        f"each other. vsGRPO trains {SUPPORTED}")
+    if family not in FAMILIES:
+        raise DataError(f"--model {model}: model_type {family!r} is not one vsGRPO trains: {SUPPORTED}")
+    settings = {}
+    for name in ("processor_config.json", "video_preprocessor_config.json", "preprocessor_config.json"):
+        found = checkpoint_json(model, name)
+        settings = found.get("video_processor", found)  # processor_config.json nests it
+        if "image_mean" in settings:
+            break
+    vision = config.get("vision_config", {})
+    published = FAMILIES[family]
+    return VideoFormat(family, vision.get("patch_size", published.patch),
+                       vision.get("temporal_patch_size", published.temporal_patch),
+                       vision.get("spatial_merge_size", published.merge),
+                       tuple(settings.get("image_mean", published.mean)),
+                       tuple(settings.get("image_std", published.std)))
+
+
+# ----------------------------------------------------------------------------- video
 def exists(path: str) -> None:
     if not os.path.isfile(path):
         raise DataError(f"video not found: {path}")
 
 
+def read_frames(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Decode `num_frames` frames spread uniformly in time over the whole video: (frames [T, H, W, 3] uint8,
+    their times [T] in seconds from the first frame, the video's length in seconds). By time, not frame
+    number, so variable-frame-rate video is sampled evenly too; a short video repeats frames."""
+    exists(path)
+    try:
+        with av.open(path) as container:
+            # Demuxing reads every frame's timestamp without decoding; then decode once, keeping the chosen.
+            times = np.array(sorted(p.pts for p in container.demux(video=0) if p.pts is not None))
+            instants = np.linspace(times[0], times[-1], num_frames) if len(times) else []
+            wanted = [int(times[np.abs(times - t).argmin()]) for t in instants]  # the nearest frame to each
+            container.seek(0)
+            decoded = {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(video=0)
+                       if f.pts in wanted}
+            seconds = float(container.streams.video[0].time_base)
+    except (av.FFmpegError, IndexError, ValueError) as e:
+        raise DataError(f"cannot decode video {path}: {e}") from None
+    lost = set(wanted) - set(decoded)
+    if not wanted or lost:
+        why = f"{len(lost)} of the {len(set(wanted))} frames chosen did not decode" if wanted else "no frames"
+        raise DataError(f"cannot decode video {path}: {why} (truncated or damaged file?)")
+    # A video of n frames lasts n frame intervals: the span from its first frame to its last, and one more.
+    length = (times[-1] - times[0]) * seconds * len(times) / max(len(times) - 1, 1)
+    return np.stack([decoded[t] for t in wanted]), (np.array(wanted) - times[0]) * seconds, float(length)
+
+
+def smart_resize(height: int, width: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
+    """Qwen2-VL's rule: sides multiples of `factor` (a merged block of patches: 28 = 2 x 14 pixels), area at
+    most max_pixels and at least four blocks (Qwen2-VL's 56*56), aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise DataError(f"aspect ratio {height}x{width} is beyond Qwen2-VL's limit of 200")
+    min_pixels = (2 * factor) ** 2
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h, w = (max(factor, math.floor(side / scale / factor) * factor) for side in (height, width))
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h, w = (math.ceil(side * scale / factor) * factor for side in (height, width))
+    return h, w
+
+
+def video_patches(frames: np.ndarray, max_pixels: int, fmt: VideoFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames [T, H, W, 3] uint8 to (pixel_values_videos [t*h*w, 3*2*p*p], video_grid_thw [3]), p a patch."""
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+    height, width = smart_resize(video.shape[2], video.shape[3], max_pixels, fmt.patch * fmt.merge)
+    # Bicubic with antialiasing, as the reference processors (torchvision) resize.
+    video = F.interpolate(video, size=(height, width), mode="bicubic", antialias=True).clamp(0, 255)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (fmt.mean, fmt.std))
+    return patchify((video / 255 - mean) / std, fmt)
+
+
+def patchify(video: torch.Tensor, fmt: VideoFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 3, H, W] (H, W multiples of p*m) to ([t*h*w, 3*2*p*p], [t, h, w] in patches), p = fmt.patch and m =
+    fmt.merge. t = ceil(T / 2): the tower embeds frames in pairs (an odd last frame is repeated). Each m x m
+    block of patches that the merger fuses into one token is contiguous."""
+    p, m, pair = fmt.patch, fmt.merge, fmt.temporal_patch
+    if len(video) % pair:
+        video = torch.cat([video, video[-1:].repeat(pair - len(video) % pair, 1, 1, 1)])
+    t, h, w = len(video) // pair, video.shape[2] // p, video.shape[3] // p
+    patches = video.reshape(t, pair, 3, h // m, m, p, w // m, m, p)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [t, h/m, w/m, m, m, 3, pair, p, p]
+    return patches.reshape(t * h * w, 3 * pair * p * p), torch.tensor([t, h, w])
+
+
+@dataclass
+class Video:
+    """A decoded video as a model of `format` takes it."""
+    pixels: torch.Tensor       # [t*h*w, 3*2*p*p]: pixel_values_videos
+    grid: torch.Tensor         # [3]: t, h, w in patches (video_grid_thw)
+    patch_times: list[float]   # [t]: seconds from the start to each pair of frames (the mean of its two)
+    seconds_per_patch: float   # seconds a pair of frames stands for: 2 / the sampled frames per second
+    format: VideoFormat
+
+
+DECODED: OrderedDict = OrderedDict()  # decoded videos, least recently used first
+DECODED_BYTES = 2**30  # 1 GiB a process: ~55 videos of 16 frames of 128*28*28 pixels, ~7,000 of the demo's
+
+
+def load_video(path: str, num_frames: int, max_pixels: int, fmt: VideoFormat) -> Video:
+    """A video as a model of format `fmt` takes it. Decoded videos are kept (questions share scenes), under
+    the file's size and time, so that a file changed on disk is read again."""
+    exists(path)
+    key = (path, os.path.getsize(path), os.path.getmtime(path), num_frames, max_pixels, fmt)
+    if key not in DECODED:
+        frames, times, length = read_frames(path, num_frames)
+        pixels, grid = video_patches(frames, max_pixels, fmt)
+        padded = int(grid[0]) * fmt.temporal_patch  # patchify repeats the last frame up to whole pairs
+        times = np.append(times, [times[-1]] * (padded - len(times)))
+        patch_times = times.reshape(-1, fmt.temporal_patch)[:, [0, -1]].mean(1).tolist()
+        DECODED[key] = Video(pixels, grid, patch_times, fmt.temporal_patch * length / len(frames), fmt)
+        while sum(video.pixels.nbytes for video in DECODED.values()) > DECODED_BYTES:
+            DECODED.popitem(last=False)
+    DECODED.move_to_end(key)
+    return DECODED[key]
+
+
 def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Generator,
-               decoded: dict[str, bool]) -> tuple[list, list, list]:
-    """Decode the videos of `indices`: (rows, videos, failures this step). `decoded` records every video the
-    run has tried, True if it decoded, so a bad one is never drawn twice: its row is replaced by a random one
-    whose video decoded before (early in a run, by any not known bad). After 10 failures per row the batch
-    comes back short, and the training loop stops the run, saved."""
+               decoded: dict[str, bool], fmt: VideoFormat) -> tuple[list, list, list]:
+    """Decode the videos of `indices` in format `fmt`: (rows, videos, failures this step). `decoded` records
+    every video the run has tried, True if it decoded, so a bad one is never drawn twice: its row is replaced
+    by a random one whose video decoded before (early in a run, by any not known bad). After 10 failures per
+    row the batch comes back short, and the training loop stops the run, saved."""
     loaded = []
     videos = []
     failures = []
@@ -178,7 +337,7 @@ def load_batch(samples: list[dict], indices: list[int], args, rng: np.random.Gen
         if decoded.get(sample["video"]) is False:
             continue  # drawn by the data order; a row known to be good takes its place
         try:
-            videos.append(load_video(sample["video"], args.num_frames, args.max_pixels))
+            videos.append(load_video(sample["video"], args.num_frames, args.max_pixels, fmt))
             loaded.append(sample)
             decoded[sample["video"]] = True
         except DataError as e:
@@ -197,88 +356,6 @@ def batch_indices(step: int, rank: int, world: int, batch_size: int, num_samples
     return [int(order[p // num_samples][p % num_samples]) for p in positions]
 
 
-# ----------------------------------------------------------------------------- video
-def read_frames(path: str, num_frames: int) -> np.ndarray:
-    """Decode `num_frames` frames spread uniformly in time over the whole video: [T, H, W, 3] uint8. By time,
-    not frame number, so variable-frame-rate video is sampled evenly too; a short video repeats frames."""
-    exists(path)
-    try:
-        with av.open(path) as container:
-            # Demuxing reads every frame's timestamp without decoding; then decode once, keeping the chosen.
-            times = np.array(sorted(p.pts for p in container.demux(video=0) if p.pts is not None))
-            instants = np.linspace(times[0], times[-1], num_frames) if len(times) else []
-            wanted = [int(times[np.abs(times - t).argmin()]) for t in instants]  # the nearest frame to each
-            container.seek(0)
-            decoded = {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(video=0)
-                       if f.pts in wanted}
-    except (av.FFmpegError, IndexError, ValueError) as e:
-        raise DataError(f"cannot decode video {path}: {e}") from None
-    lost = set(wanted) - set(decoded)
-    if not wanted or lost:
-        why = f"{len(lost)} of the {len(set(wanted))} frames chosen did not decode" if wanted else "no frames"
-        raise DataError(f"cannot decode video {path}: {why} (truncated or damaged file?)")
-    return np.stack([decoded[t] for t in wanted])
-
-
-def smart_resize(height: int, width: int, max_pixels: int, min_pixels: int = 56 * 56,
-                 factor: int = 28) -> tuple[int, int]:
-    """Qwen2-VL's rule: sides multiples of `factor`, area in [min_pixels, max_pixels], aspect kept (the
-    defaults are Qwen2-VL's: 28 = a 2x2 block of 14-pixel patches, a floor of 56*56 pixels per frame)."""
-    if max(height, width) / min(height, width) > 200:
-        raise DataError(f"aspect ratio {height}x{width} is beyond Qwen2-VL's limit of 200")
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > max_pixels:
-        scale = math.sqrt(height * width / max_pixels)
-        h, w = (max(factor, math.floor(side / scale / factor) * factor) for side in (height, width))
-    elif h * w < min_pixels:
-        scale = math.sqrt(min_pixels / (height * width))
-        h, w = (math.ceil(side * scale / factor) * factor for side in (height, width))
-    return h, w
-
-
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2  # Qwen2-VL's vision tower
-
-
-def video_patches(frames: np.ndarray, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frames [T, H, W, 3] uint8 to (pixel_values_videos [t*h*w, 3*2*14*14], video_grid_thw [3])."""
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-    height, width = smart_resize(video.shape[2], video.shape[3], max_pixels)
-    # Bicubic with antialiasing, as the reference processor (torchvision) resizes.
-    video = F.interpolate(video, size=(height, width), mode="bicubic", antialias=True).clamp(0, 255)
-    return patchify((video / 255 - CLIP_MEAN) / CLIP_STD)
-
-
-def patchify(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, 3, H, W] (H, W multiples of 28) to ([t*h*w, 3*2*14*14], [t, h, w]) in patch units. t = ceil(T / 2):
-    the tower embeds frames in pairs (an odd last frame is repeated). Each 2x2 block of patches that the
-    merger fuses into one token is contiguous."""
-    if len(video) % TEMPORAL_PATCH:
-        video = torch.cat([video, video[-1:]])
-    t, h, w = len(video) // TEMPORAL_PATCH, video.shape[2] // PATCH, video.shape[3] // PATCH
-    patches = video.reshape(t, TEMPORAL_PATCH, 3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
-    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [t, h/2, w/2, 2, 2, 3, 2, 14, 14]
-    return patches.reshape(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH), torch.tensor([t, h, w])
-
-
-DECODED: OrderedDict = OrderedDict()  # decoded videos, least recently used first
-DECODED_BYTES = 2**30  # 1 GiB a process: ~55 videos of 16 frames of 128*28*28 pixels, ~7,000 of the demo's
-
-
-def load_video(path: str, num_frames: int, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A video's (pixel_values_videos, video_grid_thw). Decoded videos are kept (questions share scenes),
-    under the file's size and time, so that a file changed on disk is read again."""
-    exists(path)
-    key = (path, os.path.getsize(path), os.path.getmtime(path), num_frames, max_pixels)
-    if key not in DECODED:
-        DECODED[key] = video_patches(read_frames(path, num_frames), max_pixels)
-        while sum(pixels.nbytes for pixels, _ in DECODED.values()) > DECODED_BYTES:
-            DECODED.popitem(last=False)
-    DECODED.move_to_end(key)
-    return DECODED[key]
-
-
 # ----------------------------------------------------------------------------- prompt
 def question_text(sample: dict) -> str:
     """The question, its options one per line if it has any, then the mode's instruction."""
@@ -286,19 +363,28 @@ def question_text(sample: dict) -> str:
     return "\n".join(lines + [PROMPTS[sample["prompt_mode"]]])
 
 
-def prompt_ids(tokenizer, text: str, video_grid_thw: torch.Tensor, video_token_id: int) -> list[int]:
-    """Token ids of the chat prompt, its one video placeholder expanded to t*h*w/4 video tokens. Nothing is
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"  # the one video of a chat template
+
+
+def prompt_ids(tokenizer, text: str, video: Video, video_token_id: int) -> list[int]:
+    """Token ids of the chat prompt, its video placeholder expanded to the video's t*h*w/4 tokens. Nothing is
     ever truncated: cutting through the video tokens would leave the tower's features without places."""
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
     chat = QWEN2VL_CHAT.format(text=text)  # a checkpoint without a template: Qwen2-VL's, written out
     if tokenizer.chat_template:
         chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if chat.count(VIDEO) != 1 or chat.count("<|video_pad|>") != 1:
+        raise DataError(f"the chat prompt must hold exactly one video, {VIDEO}; found "
+                        f"{chat.count('<|video_pad|>')} video placeholders")
+    blocks = 1
+    if video.format.family == "qwen3_vl":
+        # Qwen3-VL: each pair of frames is a block of its own, after its time in words, "<2.3 seconds>": the
+        # mean time of its two frames, one decimal (transformers' Qwen3VLProcessor).
+        chat = chat.replace(VIDEO, "".join(f"<{time:.1f} seconds>{VIDEO}" for time in video.patch_times))
+        blocks = len(video.patch_times)
+    tokens = int(video.grid.prod()) // video.format.merge**2 // blocks  # video tokens per block
     ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
-    if ids.count(video_token_id) != 1:
-        raise DataError(f"the chat prompt must hold exactly one video placeholder, found "
-                        f"{ids.count(video_token_id)}")
-    at = ids.index(video_token_id)
-    return ids[:at] + [video_token_id] * (int(video_grid_thw.prod()) // MERGE**2) + ids[at + 1:]
+    return [i for token in ids for i in ([token] * tokens if token == video_token_id else [token])]
 
 
 def benchmark_prompt(sample: dict, prompt_mode: str) -> str:

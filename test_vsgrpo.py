@@ -21,13 +21,14 @@ import av
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
 import data
 import rewards
 import vsgrpo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+QWEN2 = data.FAMILIES["qwen2_vl"]                                  # Qwen2-VL's video format, the paper's model
 
 
 @pytest.fixture(scope="session")
@@ -338,7 +339,7 @@ def test_step_metrics_by_hand():
     ids = torch.tensor([[1, 2, eos, 0], [1, 2, 3, 4], [eos, 0, 0, 0], [1, 2, 3, eos]])
     reward = torch.tensor([1.0, 0.0, 0.5, 0.5])               # groups of G=2: [1, 0] and [0.5, 0.5]
     prompts = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # two questions, prompts of 3 and 5 tokens
-    batch = vsgrpo.Batch([{}, {}], prompts, prompts, [], torch.zeros(2, 3))
+    batch = vsgrpo.Batch([{}, {}], prompts, prompts, torch.zeros(3, 2, 5), torch.zeros(2), [], torch.zeros(2, 3))
     ro = vsgrpo.Rollout(batch, ids, *vsgrpo.completion_mask(ids, [eos]), ["x"] * 4,
                         {"accuracy": reward, "total": reward}, torch.zeros(4), None, None)
     args = vsgrpo.argparse.Namespace(num_generations=2, rewards=["accuracy"], num_iterations=2,
@@ -363,7 +364,7 @@ def test_step_metrics_by_hand():
 def test_frames_are_sampled_uniformly_from_first_to_last(tmp_path):
     path = str(tmp_path / "ten.mp4")
     write_gray_video(path, [20 * i + 20 for i in range(10)])
-    frames = data.read_frames(path, 4)
+    frames = data.read_frames(path, 4)[0]
     assert frames.shape == (4, 32, 32, 3)
     levels = frames.reshape(4, -1).mean(1)
     assert np.abs(levels - [20, 80, 140, 200]).max() < 6      # frames 0, 3, 6, 9
@@ -372,7 +373,7 @@ def test_frames_are_sampled_uniformly_from_first_to_last(tmp_path):
 def test_a_short_video_repeats_frames(tmp_path):
     path = str(tmp_path / "three.mp4")
     write_gray_video(path, [40, 120, 200])
-    levels = data.read_frames(path, 5).reshape(5, -1).mean(1)
+    levels = data.read_frames(path, 5)[0].reshape(5, -1).mean(1)
     # instants 0, 2, 4, 6, 8 (x 1/100 s) over frames at 0, 4, 8: nearest 0, 0 (tie: first), 4, 4, 8
     assert np.abs(levels - [40, 40, 120, 120, 200]).max() < 6
 
@@ -381,7 +382,7 @@ def test_variable_frame_rate_is_sampled_by_time_not_frame_number(tmp_path):
     path = str(tmp_path / "vfr.mp4")
     # six quick frames in the first 0.05 s, then one every second up to 3 s
     write_gray_video(path, [10, 20, 30, 40, 50, 60, 100, 160, 220], pts=[0, 1, 2, 3, 4, 5, 100, 200, 300])
-    levels = data.read_frames(path, 4).reshape(4, -1).mean(1)
+    levels = data.read_frames(path, 4)[0].reshape(4, -1).mean(1)
     # instants 0, 1, 2, 3 s: frames 0, 100, 200, 300; by frame number it would be 0, 3, 5, 8
     assert np.abs(levels - [10, 100, 160, 220]).max() < 6
 
@@ -405,7 +406,7 @@ def test_decoded_videos_are_kept_up_to_a_byte_budget_dropping_the_least_recently
     monkeypatch.setattr(data, "DECODED", type(data.DECODED)())
     monkeypatch.setattr(data, "DECODED_BYTES", 2.5 * size)  # room for two
     for path in paths[:3] + paths[1:2] + paths[3:]:  # a, b, c (a dropped), b again, d (c dropped: b was used later)
-        data.load_video(path, 2, 56 * 56)
+        data.load_video(path, 2, 56 * 56, QWEN2)
     assert [key[0] for key in data.DECODED] == [paths[1], paths[3]]
 
 
@@ -428,14 +429,14 @@ def test_a_video_whose_chosen_frames_do_not_decode_is_a_data_error_saying_how_ma
 def test_a_decoded_video_is_reused_until_its_file_changes(tmp_path):
     path = str(tmp_path / "gray.mp4")
     write_gray_video(path, [40] * 4)
-    first = data.load_video(path, 2, 56 * 56)
-    assert data.load_video(path, 2, 56 * 56)[0] is first[0]                  # cached
-    assert first[1].tolist() == [1, 4, 4] and data.load_video(path, 4, 56 * 56)[1].tolist() == [2, 4, 4]
+    first = data.load_video(path, 2, 56 * 56, QWEN2)
+    assert data.load_video(path, 2, 56 * 56, QWEN2) is first                 # cached
+    assert first.grid.tolist() == [1, 4, 4] and data.load_video(path, 4, 56 * 56, QWEN2).grid.tolist() == [2, 4, 4]
     size = os.path.getsize(path)
     write_gray_video(path, [200] * 4)                                        # the file changes on disk,
     assert os.path.getsize(path) == size                                     # but not its size
-    again = data.load_video(path, 2, 56 * 56)[0]
-    assert again is not first[0] and again.mean() > first[0].mean()
+    again = data.load_video(path, 2, 56 * 56, QWEN2).pixels
+    assert again is not first.pixels and again.mean() > first.pixels.mean()
 
 
 def test_smart_resize_by_hand():
@@ -453,7 +454,7 @@ def test_pixels_are_normalised_with_qwen2_vls_published_mean_and_std():
     # image_mean and image_std of Qwen2-VL-2B-Instruct's preprocessor_config.json (OpenAI CLIP's), typed from it.
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     colour = (200, 100, 30)
-    patches, _ = data.video_patches(np.full((2, 56, 56, 3), colour, np.uint8), 56 * 56)  # one flat colour
+    patches, _ = data.video_patches(np.full((2, 56, 56, 3), colour, np.uint8), 56 * 56, QWEN2)  # one colour
     channels = patches.view(len(patches), 3, -1)                       # [t*h*w, 3, 2*14*14], channel first
     for c, value in enumerate(colour):
         assert torch.allclose(channels[:, c], torch.tensor((value / 255 - mean[c]) / std[c]), atol=1e-5)
@@ -464,12 +465,13 @@ def test_frames_are_resized_bicubically_as_the_reference_processor_does():
     # bilinear one, which the pretrained tower never saw, stays within [50, 200].
     frames = np.full((2, 112, 112, 3), 50, np.uint8)
     frames[:, :, 56:] = 200
-    patches, _ = data.video_patches(frames, 56 * 56)                  # 112x112 -> 56x56
-    values = (patches.view(len(patches), 3, -1) * data.CLIP_STD.view(1, 3, 1) + data.CLIP_MEAN.view(1, 3, 1)) * 255
+    patches, _ = data.video_patches(frames, 56 * 56, QWEN2)           # 112x112 -> 56x56
+    mean, std = torch.tensor(QWEN2.mean).view(1, 3, 1), torch.tensor(QWEN2.std).view(1, 3, 1)
+    values = (patches.view(len(patches), 3, -1) * std + mean) * 255
     assert values.min() < 49 and values.max() > 201
     frames[:, :, :56], frames[:, :, 56:] = 0, 255  # the reference resizes 8-bit images: overshoot stops at 0 and 255
-    patches, _ = data.video_patches(frames, 56 * 56)
-    values = (patches.view(len(patches), 3, -1) * data.CLIP_STD.view(1, 3, 1) + data.CLIP_MEAN.view(1, 3, 1)) * 255
+    patches, _ = data.video_patches(frames, 56 * 56, QWEN2)
+    values = (patches.view(len(patches), 3, -1) * std + mean) * 255
     assert values.min() > -1e-3 and values.max() < 255 + 1e-3
 
 
@@ -481,7 +483,7 @@ def test_the_training_prompt_is_the_question_its_options_one_per_line_and_the_in
 
 def test_patch_layout_groups_each_merged_2x2_block_contiguously():
     video = torch.randn(3, 3, 56, 84)                          # T=3 (odd), 4x6 patches of 14x14
-    patches, thw = data.patchify(video)
+    patches, thw = data.patchify(video, QWEN2)
     assert thw.tolist() == [2, 4, 6] and patches.shape == (2 * 4 * 6, 3 * 2 * 14 * 14)
     padded = torch.cat([video, video[-1:]])                    # the last frame repeated
     row = 0
@@ -496,13 +498,18 @@ def test_patch_layout_groups_each_merged_2x2_block_contiguously():
                         row += 1
 
 
+def a_video(t: int, h: int, w: int, fmt=QWEN2, seconds_per_patch: float = 1.0) -> data.Video:
+    """A Video of t x h x w patches, pairs of frames a second apart, as load_video would return it."""
+    pixels = torch.zeros(t * h * w, 3 * 2 * fmt.patch**2)
+    return data.Video(pixels, torch.tensor([t, h, w]), [float(i) for i in range(t)], seconds_per_patch, fmt)
+
+
 def test_video_token_count_is_t_h_w_over_4(synthetic):
     tokenizer = vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"])
-    frames = data.read_frames(os.path.join(synthetic["videos"], "synthetic", "train_00000.mp4"), 5)
-    pixels, thw = data.video_patches(frames, 112 * 112)
-    assert thw.tolist() == [3, 8, 8] and pixels.shape == (3 * 8 * 8, 1176)
+    video = data.load_video(os.path.join(synthetic["videos"], "synthetic", "train_00000.mp4"), 5, 112 * 112, QWEN2)
+    assert video.grid.tolist() == [3, 8, 8] and video.pixels.shape == (3 * 8 * 8, 1176)
     video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    ids = data.prompt_ids(tokenizer, "How many chairs?", thw, video_id)
+    ids = data.prompt_ids(tokenizer, "How many chairs?", video, video_id)
     assert ids.count(video_id) == 3 * 8 * 8 // 4
     run = ids[ids.index(video_id) - 1: ids.index(video_id) + 3 * 8 * 8 // 4 + 1]
     assert tokenizer.convert_ids_to_tokens([run[0], run[-1]]) == ["<|vision_start|>", "<|vision_end|>"]
@@ -520,10 +527,10 @@ QWEN2VL_TEMPLATE = (
 def test_prompt_from_the_chat_template_equals_the_built_in_qwen2vl_format(synthetic):
     tokenizer = vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"])
     assert not tokenizer.chat_template
-    video_id, thw = tokenizer.convert_tokens_to_ids("<|video_pad|>"), torch.tensor([2, 4, 4])
-    built_in = data.prompt_ids(tokenizer, "Is the lamp left?", thw, video_id)
+    video_id, video = tokenizer.convert_tokens_to_ids("<|video_pad|>"), a_video(2, 4, 4)
+    built_in = data.prompt_ids(tokenizer, "Is the lamp left?", video, video_id)
     tokenizer.chat_template = QWEN2VL_TEMPLATE
-    assert data.prompt_ids(tokenizer, "Is the lamp left?", thw, video_id) == built_in
+    assert data.prompt_ids(tokenizer, "Is the lamp left?", video, video_id) == built_in
 
 
 # ----------------------------------------------------------------------------- model: LoRA and log-probs
@@ -536,9 +543,9 @@ def load_tiny(synthetic, lora_rank=4):
 def batch_of(synthetic, rows, args, tokenizer, model):
     samples = data.load_samples([synthetic["data"]], synthetic["videos"], args.prompt_mode)
     picked = [samples[i] for i in rows]
-    videos = [data.load_video(s["video"], args.num_frames, args.max_pixels) for s in picked]
-    return vsgrpo.collate(picked, [data.question_text(s) for s in picked], videos, tokenizer,
-                          model.config.video_token_id, "cpu")
+    videos = [data.load_video(s["video"], args.num_frames, args.max_pixels, data.video_format(args.model))
+              for s in picked]
+    return vsgrpo.collate(picked, [data.question_text(s) for s in picked], videos, tokenizer, model.config, "cpu")
 
 
 def logits_of(model, batch):
@@ -621,7 +628,7 @@ def test_merged_checkpoint_gives_the_adapter_models_logits(synthetic, tmp_path):
             layer.lora_B.data.normal_(std=0.1)
     lora.save_pretrained(str(tmp_path / "merged"), state_dict=vsgrpo.merged_state_dict(lora))
     tokenizer.save_pretrained(str(tmp_path / "merged"))
-    merged = vsgrpo.Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "merged")).eval()
+    merged = Qwen2VLForConditionalGeneration.from_pretrained(str(tmp_path / "merged")).eval()
     assert not any(isinstance(m, vsgrpo.LoRALinear) for m in merged.modules())
     batch = batch_of(synthetic, [0, 1], args, tokenizer, lora)
     with torch.no_grad():
@@ -659,12 +666,12 @@ def test_sampling_from_one_prefilled_prompt_gives_each_step_the_distribution_of_
     # log-probs must be the plain generate()'s: equal samples alone would pass a small error, such as an offset
     # left from an earlier call.
     args, model, tokenizer = load_tiny(synthetic)
+    args.num_frames = 8  # 4 x 2 x 2 merged cells: the text after the video sits where transformers' own rule differs
     vsgrpo.write_video(str(tmp_path / "wide.mp4"), np.random.default_rng(0).integers(0, 255, (4, 56, 112, 3), np.uint8))
     samples = data.load_samples([synthetic["data"]], synthetic["videos"], args.prompt_mode)[:2]
     samples[1] = dict(samples[1], video=str(tmp_path / "wide.mp4"))
-    videos = [data.load_video(s["video"], args.num_frames, args.max_pixels) for s in samples]
-    batch = vsgrpo.collate(samples, [data.question_text(s) for s in samples], videos, tokenizer,
-                           model.config.video_token_id, "cpu")
+    videos = [data.load_video(s["video"], args.num_frames, args.max_pixels, QWEN2) for s in samples]
+    batch = vsgrpo.collate(samples, [data.question_text(s) for s in samples], videos, tokenizer, model.config, "cpu")
     assert batch.video_grid_thw[0].tolist() != batch.video_grid_thw[1].tolist()
     config = vsgrpo.generation_config(model, tokenizer, 6, 3, 1.0)
     steps = []
@@ -686,8 +693,7 @@ def test_reference_log_probs_see_the_video(synthetic):
     args.num_generations = 1
     batch = batch_of(synthetic, [0], args, tokenizer, model)
     ids, rows = torch.tensor([[5, 6, 7]]), torch.tensor([0])
-    blank = vsgrpo.Batch(batch.samples, batch.input_ids, batch.attention_mask,
-                         [torch.zeros_like(batch.pixel_values[0])], batch.video_grid_thw)
+    blank = dataclasses.replace(batch, pixel_values=[torch.zeros_like(batch.pixel_values[0])])
     with torch.no_grad(), vsgrpo.lora_disabled(model):
         seen = vsgrpo.completion_logps(model, batch, ids, torch.ones_like(ids), rows, args)
         blind = vsgrpo.completion_logps(model, blank, ids, torch.ones_like(ids), rows, args)
@@ -850,6 +856,116 @@ def test_packed_log_probs_equal_separate_sequences_next_to_an_early_eos_and_a_mu
         assert largest_difference() > 1e-4, mutation
 
 
+# ----------------------------------------------------------------------------- 3-D positions
+def tiny_config(synthetic):
+    return AutoConfig.from_pretrained(synthetic["model"])
+
+
+def test_text_after_a_video_of_more_frames_than_rows_and_columns_resumes_after_its_last_frame(synthetic):
+    # 12 frames of 56x56: 6 x 4 x 4 patches, 6 x 2 x 2 merged cells. The video starts at 2 and its last frame
+    # sits at 2 + 5, so "c" is at 8. transformers 5.25 puts it at 2 + max(2, 2) = 4, among the frames.
+    config = tiny_config(synthetic)
+    a, b, c, V = 5, 6, 7, config.video_token_id
+    ids = torch.tensor([[a, b] + [V] * 24 + [c]])
+    positions, next_position = vsgrpo.rope_positions(config, ids, torch.ones_like(ids), [a_video(6, 4, 4)])
+    assert positions[0, 0].tolist() == [0, 1] + [2] * 4 + [3] * 4 + [4] * 4 + [5] * 4 + [6] * 4 + [7] * 4 + [8]
+    assert positions[1, 0].tolist() == [0, 1] + [2, 2, 3, 3] * 6 + [8]
+    assert positions[2, 0].tolist() == [0, 1] + [2, 3, 2, 3] * 6 + [8]
+    assert next_position.tolist() == [9]
+
+
+def test_text_after_a_video_wider_than_its_frames_resumes_after_its_last_column(synthetic):
+    # 4 frames of 56x112: 2 x 4 x 8 patches, 2 x 2 x 4 cells; the last column is at 2 + 3, so "c" is at 6.
+    config = tiny_config(synthetic)
+    a, b, c, V = 5, 6, 7, config.video_token_id
+    ids = torch.tensor([[a, b] + [V] * 16 + [c, a]])
+    positions, next_position = vsgrpo.rope_positions(config, ids, torch.ones_like(ids), [a_video(2, 4, 8)])
+    assert positions[0, 0].tolist() == [0, 1] + [2] * 8 + [3] * 8 + [6, 7]
+    assert positions[1, 0].tolist() == [0, 1] + [2, 2, 2, 2, 3, 3, 3, 3] * 2 + [6, 7]
+    assert positions[2, 0].tolist() == [0, 1] + [2, 3, 4, 5] * 4 + [6, 7]
+    assert next_position.tolist() == [8]
+
+
+def test_a_left_padded_prompt_takes_the_positions_it_has_alone_and_its_padding_zero(synthetic):
+    config = tiny_config(synthetic)
+    a, c, V, pad = 5, 7, config.video_token_id, 0
+    ids = torch.tensor([[a, a, a] + [V] * 4 + [c], [pad, pad, a] + [V] * 4 + [c]])
+    mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+    positions, next_position = vsgrpo.rope_positions(config, ids, mask, [a_video(1, 4, 4), a_video(4, 2, 2)])
+    # one frame of 2 x 2 cells from 3, then c at 5; after two pads, four frames of one cell from 1, then c at 5
+    assert positions[:, 0].tolist() == [[0, 1, 2, 3, 3, 3, 3, 5], [0, 1, 2, 3, 3, 4, 4, 5], [0, 1, 2, 3, 4, 3, 4, 5]]
+    assert positions[:, 1].tolist() == [[0, 0, 0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 1, 1, 1, 5], [0, 0, 0, 1, 1, 1, 1, 5]]
+    assert next_position.tolist() == [6, 6]
+
+
+def eight_frame_batch(synthetic):
+    """A tiny model and two questions whose videos have 4 x 2 x 2 merged cells: more frames than rows or
+    columns, where transformers' own positions for the text after the video differ from the authors'."""
+    args, model, tokenizer = load_tiny(synthetic)
+    perturbed(model)
+    args.num_frames, args.num_generations = 8, 2
+    batch = batch_of(synthetic, [0, 1], args, tokenizer, model)
+    assert batch.video_grid_thw.tolist() == [[4, 4, 4]] * 2
+    return args, model, tokenizer, batch
+
+
+def test_both_paths_give_the_log_probs_of_plain_forwards_at_the_authors_positions_where_transformers_differs(
+        synthetic):
+    args, model, tokenizer, batch = eight_frame_batch(synthetic)
+    eos, word = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("how")
+    ids = torch.tensor([[word, 7, eos, 0], [word] * 4, [9, word, 8, 7], [8, eos, 0, 0]])
+    mask, _ = vsgrpo.completion_mask(ids, [eos])
+    rows = torch.arange(4)
+    with torch.no_grad():
+        straightforward = vsgrpo.completion_logps(model, batch, ids, mask, rows, args)
+        shared = vsgrpo.completion_logps(model, dataclasses.replace(batch, video_features=vsgrpo.encode_videos(
+            model, batch)), ids, mask, rows, args)
+        plain, theirs = [], []
+        for i in range(4):  # each completion after its own prompt, as a plain implementation runs it
+            q = i // 2
+            full = torch.cat([batch.input_ids[q], ids[i]])[None]                    # [1, P + C]
+            full_mask = torch.cat([batch.attention_mask[q], mask[i]])[None]
+            video = data.load_video(batch.samples[q]["video"], 8, args.max_pixels, QWEN2)
+            positions, _ = vsgrpo.rope_positions(model.config, full, full_mask, [video])
+            inputs = dict(input_ids=full, attention_mask=full_mask, pixel_values_videos=batch.pixel_values[q],
+                          video_grid_thw=batch.video_grid_thw[q:q + 1], mm_token_type_ids=vsgrpo.video_token_types(
+                              full, model))
+            for positions_given, out in ((positions, plain), (None, theirs)):    # None: transformers' own
+                logits = model(**inputs, position_ids=positions_given).logits[:, -5:-1]
+                out.append(vsgrpo.token_logps(logits, ids[i:i + 1], model, args)[0])
+    plain, theirs = torch.stack(plain), torch.stack(theirs)
+    real = mask.bool()
+    assert (straightforward - plain)[real].abs().max() < 1e-5 and (shared - plain)[real].abs().max() < 1e-5
+    assert (theirs - plain)[real].abs().max() > 1e-3                      # the control: their positions differ
+
+
+def test_greedy_evaluation_decodes_what_a_token_by_token_greedy_loop_at_the_authors_positions_does(synthetic):
+    # Each step's logits, not only its tokens: the tiny model's argmax can survive a wrong position.
+    args, model, tokenizer, batch = eight_frame_batch(synthetic)
+    batch.video_features = vsgrpo.encode_videos(model, batch)
+    config = vsgrpo.generation_config(model, tokenizer, 6)                  # greedy, as evaluation decodes
+    steps = []
+    model.lm_head.register_forward_hook(lambda module, inputs, out: steps.append(out[:, -1].clone()))
+    decoded = vsgrpo.generate(model, batch, config)                          # [2, 6]
+    generated, steps[:] = steps[-6:], []                                     # one call per new token
+    banned = vsgrpo.banned_token_ids(model)
+    ids = batch.input_ids
+    with torch.no_grad():
+        for k in range(6):                                                   # no cache: the whole sequence again
+            after = batch.next_position[:, None] + torch.arange(k)            # [2, k]
+            positions = torch.cat([batch.positions, after.expand(3, -1, -1)], 2)
+            mask = torch.cat([batch.attention_mask, torch.ones(2, k, dtype=torch.long)], 1)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           pixel_values_videos=torch.cat(batch.pixel_values), video_grid_thw=batch.video_grid_thw,
+                           mm_token_type_ids=vsgrpo.video_token_types(ids, model)).logits[:, -1]
+            logits[:, banned] = -math.inf
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    looped = ids[:, batch.input_ids.shape[1]:]
+    ended, _ = vsgrpo.completion_mask(looped, config.eos_token_id)
+    assert ended.sum() > 2 and torch.equal(decoded[ended.bool()], looped[ended.bool()])
+    assert max((a - b).abs().max() for a, b in zip(generated, steps)) < 1e-4
+
+
 # ----------------------------------------------------------------------------- data and flags
 def test_rows_load_from_json_lists_and_jsonl_in_either_field_style(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"id": 1, "question": "How many?", "ground_truth": "3",
@@ -881,8 +997,8 @@ def test_a_question_holding_a_special_token_of_the_chat_format_names_the_row(tmp
 def test_a_prompt_must_hold_exactly_one_video_placeholder(synthetic):
     tokenizer = vsgrpo.AutoTokenizer.from_pretrained(synthetic["model"])
     video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    with pytest.raises(data.DataError, match="exactly one video placeholder, found 2"):
-        data.prompt_ids(tokenizer, "Is the <|video_pad|> left?", torch.tensor([2, 4, 4]), video_id)
+    with pytest.raises(data.DataError, match="exactly one video, .*; found 2 video placeholders"):
+        data.prompt_ids(tokenizer, "Is the <|video_pad|> left?", a_video(2, 4, 4), video_id)
 
 
 @pytest.mark.parametrize("answer", ["three", "nan", "inf"])      # float() reads the last two, MRA cannot score them
@@ -1023,8 +1139,10 @@ def test_a_model_directory_without_a_checkpoint_is_one_line_naming_the_flag(synt
         os.makedirs(directory, exist_ok=True)
         with pytest.raises(SystemExit) as stopped:
             vsgrpo.main(eval_flags(synthetic, synthetic["data"], tmp_path / "eval") + ["--model", str(directory)])
-        assert str(stopped.value) == (f"error: --model {directory}: Error no file named model.safetensors, or "
-                                      f"pytorch_model.bin, found in directory {directory}.")
+        problem = f"no config.json in {directory}: not a checkpoint"
+        if directory.name == "config_only":
+            problem = f"Error no file named model.safetensors, or pytorch_model.bin, found in directory {directory}."
+        assert str(stopped.value) == f"error: --model {directory}: {problem}"
 
 
 def test_accelerates_fp16_mixed_precision_stops_before_any_work_and_bf16_trains(synthetic, tmp_path):
@@ -1070,12 +1188,12 @@ def test_a_bad_video_is_reported_remembered_and_replaced_by_a_row_known_to_be_go
     samples = data.load_samples([synthetic["data"]], synthetic["videos"], "vanilla")
     samples[1] = dict(samples[1], video="/missing/one.mp4")
     decoded = {}
-    loaded, videos, failures = data.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0), decoded)
+    loaded, videos, failures = data.load_batch(samples, [0, 1, 2, 3], args, np.random.default_rng(0), decoded, QWEN2)
     assert len(loaded) == len(videos) == 4 and len(failures) == 1
     assert [video for video, ok in decoded.items() if not ok] == ["/missing/one.mp4"]
     assert samples[1] not in loaded and loaded[3]["video"] in {samples[i]["video"] for i in (0, 2, 3)}
     assert "/missing/one.mp4" in capsys.readouterr().err
-    loaded, _, failures = data.load_batch(samples, [1, 5], args, np.random.default_rng(0), decoded)
+    loaded, _, failures = data.load_batch(samples, [1, 5], args, np.random.default_rng(0), decoded, QWEN2)
     assert failures == [] and samples[1] not in loaded            # known bad: skipped without another try
     assert capsys.readouterr().err == ""
 
@@ -1085,7 +1203,7 @@ def test_a_batch_that_cannot_be_filled_comes_back_short_instead_of_raising(synth
     samples = [dict(s, video=f"/missing/{i}.mp4") for i, s in enumerate(data.load_samples(
         [synthetic["data"]], synthetic["videos"], "vanilla"))]
     decoded = {}
-    loaded, _, failures = data.load_batch(samples, [0, 1], args, np.random.default_rng(0), decoded)
+    loaded, _, failures = data.load_batch(samples, [0, 1], args, np.random.default_rng(0), decoded, QWEN2)
     assert loaded == [] and len(failures) == 12 and list(decoded.values()) == [False] * 12     # every video tried once, then given up
 
 
@@ -1309,8 +1427,8 @@ model, tokenizer = vsgrpo.load_model(args, accelerator.device)
 optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
 wrapped, optimizer = accelerator.prepare(model, optimizer)
 sample = data.load_samples([data_path], videos, "vanilla")[rank]
-batch = vsgrpo.collate([sample], [data.question_text(sample)], [data.load_video(sample["video"], 4, 3136)],
-                       tokenizer, model.config.video_token_id, "cpu")
+video = data.load_video(sample["video"], 4, 3136, data.FAMILIES["qwen2_vl"])
+batch = vsgrpo.collate([sample], [data.question_text(sample)], [video], tokenizer, model.config, "cpu")
 ids = torch.tensor({ids!r}[rank])
 mask, truncated = vsgrpo.completion_mask(ids, [tokenizer.eos_token_id])
 ro = vsgrpo.Rollout(batch, ids, mask, truncated, [], {{}}, torch.tensor([1.0, -1.0]), None, None)
@@ -1361,7 +1479,7 @@ def test_questions_about_the_same_video_share_one_encoding(synthetic):
     with torch.no_grad():
         for i in (0, 2):                                                # each equals encoding it alone
             alone = model.model.get_video_features(batch.pixel_values[i], batch.video_grid_thw[i:i + 1])
-            assert torch.allclose(features[i], alone.pooler_output[0], atol=1e-6)
+            assert torch.allclose(features[i][0], alone.pooler_output[0], atol=1e-6) and len(features[i]) == 1
 
 
 def test_reuse_refuses_a_trainable_vision_tower(synthetic):

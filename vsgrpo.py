@@ -6,6 +6,7 @@ loop. Below a banner, the tools keep the run's books and hold evaluation, the de
     accelerate launch vsgrpo.py --model Qwen/Qwen2-VL-2B-Instruct --data "vsi100k/*.json" \\
         --video-root scannet_videos
 """
+import itertools
 import math
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
@@ -16,10 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer, GenerationConfig, Qwen2VLForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from data import DataError, prompt_ids, question_text
+from data import DataError, prompt_ids, question_text, video_format
 from rewards import score_completions
 
 
@@ -71,15 +72,16 @@ def lora_disabled(model: nn.Module):
             layer.enabled = True
 
 
-# ======================================== 2. model and video features
+# ======================================== 2. the model
 def load_model(args, device: torch.device, training: bool = True):
     """Policy pi_theta (LoRA adapters unless --lora-rank 0) and tokenizer; bf16 on a GPU, but float32 to
     train all weights: AdamW's steps of ~lr would round away in bf16."""
     full_fine_tuning = training and args.lora_rank == 0
     dtype = torch.bfloat16 if device.type == "cuda" and not full_fine_tuning else torch.float32
+    video_format(args.model)  # Qwen2-VL, Qwen2.5-VL or Qwen3-VL, read from config.json; else one line stops
     # sdpa, transformers' default: flash_attention_2 takes no 4-D mask, and eager adds a boolean one.
     try:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
+        model = AutoModelForImageTextToText.from_pretrained(
             args.model, dtype=dtype, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code)
     except OSError as e:  # no checkpoint at that path, or no hub to give it: one line, naming the flag
         raise DataError(f"--model {args.model}: {str(e).splitlines()[0]}") from None
@@ -101,27 +103,77 @@ def unwrapped(model):  # the Qwen2-VL inside the DDP wrapper that accelerator.pr
     return getattr(model, "module", model)
 
 
+# ======================================== 3. where each token sits: 3-D rotary positions (M-RoPE)
+def rope_positions(config, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   videos: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt token's rotary position in (time, row, column): [3, B, P], 0 at padding; and the position
+    the next token takes: [B]. The rule of Qwen-VL's authors: a text token at p sits at (p, p, p); a video's
+    merged cell (t, y, x) sits at (s + t, s + y, s + x), s where the video starts; the text after the video
+    resumes at the largest position so far + 1. For "a b <video> c", the video 2 frames of 2 x 2 cells:
+
+        a (0, 0, 0)  b (1, 1, 1)
+        frame 0: (2, 2, 2) (2, 2, 3) (2, 3, 2) (2, 3, 3)  frame 1: (3, 2, 2) (3, 2, 3) (3, 3, 2) (3, 3, 3)
+        c (4, 4, 4)  the next token: 5
+
+    transformers 5.3 to 5.25 resume at s + the larger of the rows and columns instead, frames left out:
+    after 8 frames of 2 x 2 cells at 4, not 10, where the model never saw text in training. A frame here is
+    a pair of frames, the tower's temporal patch."""
+    merge = config.vision_config.spatial_merge_size
+    positions = torch.zeros(3, *input_ids.shape, dtype=torch.long)
+    next_position = torch.zeros(len(videos), dtype=torch.long)
+    for row, video in enumerate(videos):
+        rows, columns = (int(side) // merge for side in video.grid[1:])
+        # Qwen2-VL counts frames. Qwen2.5-VL counts time: frame t sits at s + int(t x its seconds x
+        # tokens_per_second), the fraction kept until the product (transformers#48669). Qwen3-VL gives each
+        # frame a block of its own after its time in words, "<2.3 seconds>" (data.prompt_ids): t = 0 in each.
+        step = 1.0
+        if config.model_type == "qwen2_5_vl":
+            step = video.seconds_per_patch * config.vision_config.tokens_per_second
+        real = attention_mask[row].bool().cpu()
+        parts = []
+        start = 0
+        tokens = input_ids[row][real].tolist()
+        for is_video, run in itertools.groupby(tokens, key=lambda token: token == config.video_token_id):
+            cell = torch.arange(len(list(run)))
+            part = start + cell.expand(3, -1)                                  # text: [3, n]
+            if is_video:  # merged cells, frame by frame, row by row
+                t = ((cell // (rows * columns)).double() * step).long()
+                part = torch.stack([start + t, start + cell // columns % rows, start + cell % columns])
+            parts.append(part)
+            start = int(part.max()) + 1
+        positions[:, row, real] = torch.cat(parts, 1)
+        next_position[row] = start
+    return positions.to(input_ids.device), next_position.to(input_ids.device)
+
+
+# ======================================== 4. a batch of questions and their video features
 @dataclass
 class Batch:
     """B questions, prompts left-padded (generation appends on the right)."""
     samples: list[dict]
     input_ids: torch.Tensor           # [B, P]
     attention_mask: torch.Tensor      # [B, P]
-    pixel_values: list[torch.Tensor]  # B x [t*h*w, 3*2*14*14]
+    positions: torch.Tensor           # [3, B, P]: rope_positions
+    next_position: torch.Tensor       # [B]: where each prompt's first new token sits
+    pixel_values: list[torch.Tensor]  # B x [t*h*w, 3*2*p*p]
     video_grid_thw: torch.Tensor      # [B, 3]
-    video_features: list[torch.Tensor] | None = None  # B x [t*h*w/4, D], once encode_videos has run
+    video_features: list | None = None  # B x [[t*h*w/4, D], *DeepStack's], once encode_videos has run
 
 
-def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, video_token_id: int,
-            device) -> Batch:
-    prompts = [prompt_ids(tokenizer, text, thw, video_token_id) for text, (_, thw) in zip(texts, videos)]
+def collate(samples: list[dict], texts: list[str], videos: list, tokenizer, config, device) -> Batch:
+    """Questions as model inputs: prompts left-padded to one length, their positions, their videos."""
+    prompts = [prompt_ids(tokenizer, text, video, config.video_token_id)
+               for text, video in zip(texts, videos)]
     length = max(len(p) for p in prompts)
     padding = [length - len(p) for p in prompts]
     input_ids = [[tokenizer.pad_token_id] * pad + p for pad, p in zip(padding, prompts)]
     attention_mask = [[0] * pad + [1] * len(p) for pad, p in zip(padding, prompts)]
-    return Batch(samples, torch.tensor(input_ids, device=device), torch.tensor(attention_mask, device=device),
-                 [pixels.to(device) for pixels, _ in videos],
-                 torch.stack([thw for _, thw in videos]).to(device))
+    input_ids = torch.tensor(input_ids, device=device)
+    attention_mask = torch.tensor(attention_mask, device=device)
+    positions, next_position = rope_positions(config, input_ids, attention_mask, videos)
+    return Batch(samples, input_ids, attention_mask, positions, next_position,
+                 [video.pixels.to(device) for video in videos],
+                 torch.stack([video.grid for video in videos]).to(device))
 
 
 def video_token_types(input_ids: torch.Tensor, model) -> torch.Tensor:
@@ -130,30 +182,33 @@ def video_token_types(input_ids: torch.Tensor, model) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_videos(model, batch: Batch) -> list[torch.Tensor]:
-    """Each distinct video of the batch through the frozen vision tower and merger, once: B x [t*h*w/4, D].
-    Every pass of the step (sampling, pi_old, pi_ref, pi_theta) takes these features, and questions about
-    the same video (VSI-100k asks many per scene) share them."""
+def encode_videos(model, batch: Batch) -> list[list[torch.Tensor]]:
+    """Each distinct video of the batch through the frozen vision tower, once: B x [[t*h*w/4, D], ...]. Every
+    pass of the step (sampling, pi_old, pi_ref, pi_theta) takes these features, and questions about the same
+    video (VSI-100k asks many per scene) share them."""
     qwen = unwrapped(model).model
     if any(p.requires_grad for p in qwen.visual.parameters()):  # a fork that trains the tower
         raise RuntimeError("a trainable vision tower changes its features in a step: use --straightforward")
     videos = [s["video"] for s in batch.samples]
     first = [videos.index(video) for video in dict.fromkeys(videos)]  # each distinct video's first question
     pixels = torch.cat([batch.pixel_values[i] for i in first])
-    encoded = qwen.get_video_features(pixels, batch.video_grid_thw[first]).pooler_output
-    features = dict(zip((videos[i] for i in first), encoded))
+    encoded = qwen.get_video_features(pixels, batch.video_grid_thw[first])
+    # Per video, the features of its tokens and, in Qwen3-VL, DeepStack's: one [t*h*w/4, D] from each of some
+    # tower layers, which the language model adds at the video's tokens in its first layers.
+    layers = [encoded.pooler_output, *(getattr(encoded, "deepstack_features", None) or [])]  # each per video
+    features = {videos[i]: [layer[j] for layer in layers] for j, i in enumerate(first)}
     return [features[video] for video in videos]
 
 
 def video_inputs(batch: Batch, questions: list[int]) -> dict:
     """The videos of `questions`, in order: their features if encoded this step, else their pixels."""
-    grid = batch.video_grid_thw[questions]  # the 3-D rotary positions need it either way
     if batch.video_features is None:  # --straightforward: the model encodes every copy itself
         pixels = torch.cat([batch.pixel_values[q] for q in questions])
-        return dict(pixel_values_videos=pixels, video_grid_thw=grid)
-    # A new output object per call: generate() expands it for its G copies in place.
-    features = BaseModelOutputWithPooling(pooler_output=tuple(batch.video_features[q] for q in questions))
-    return dict(mm_encoder_outputs={"video": features}, video_grid_thw=grid)
+        return dict(pixel_values_videos=pixels, video_grid_thw=batch.video_grid_thw[questions])
+    # mm_encoder_outputs: what the vision tower returns, passed instead of pixels so that it runs no more.
+    layers = list(zip(*(batch.video_features[q] for q in questions)))  # per layer, a tensor per question
+    features = BaseModelOutputWithDeepstackFeatures(pooler_output=layers[0], deepstack_features=layers[1:])
+    return dict(mm_encoder_outputs={"video": features})
 
 
 def banned_token_ids(model) -> list[int]:
@@ -163,7 +218,7 @@ def banned_token_ids(model) -> list[int]:
     return [config.video_token_id, config.image_token_id]
 
 
-# ======================================== 3. log-probs
+# ======================================== 5. log-probs
 def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.Tensor:
     """log-probs [n, C] of `ids` under logits [n, C, V] / temperature, banned tokens masked: as sampled."""
     banned = torch.tensor(banned_token_ids(model), device=logits.device)
@@ -174,12 +229,14 @@ def token_logps(logits: torch.Tensor, ids: torch.Tensor, model, args) -> torch.T
 def straightforward_logps(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.Tensor,
                           rows: torch.Tensor, args) -> torch.Tensor:
     """log pi(o_t | q, o_<t) as a plain implementation computes it: each completion after its own copy of
-    the left-padded prompt and video, positions left to the model: [n, C]."""
+    the left-padded prompt and video, at the positions that follow the prompt's: [n, C]."""
     questions = rows // args.num_generations
     input_ids = torch.cat([batch.input_ids[questions], completion_ids[rows]], 1)               # [n, P + C]
     attention_mask = torch.cat([batch.attention_mask[questions], mask[rows]], 1)               # [n, P + C]
     C = completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+    after = batch.next_position[questions, None] + torch.arange(C, device=input_ids.device)    # [n, C]
+    positions = torch.cat([batch.positions[:, questions], after.expand(3, -1, -1)], 2)        # [3, n, P + C]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                    mm_token_type_ids=video_token_types(input_ids, model), use_cache=False,
                    logits_to_keep=C + 1, **video_inputs(batch, questions.tolist())).logits    # [n, C + 1, V]
     return token_logps(logits[:, :-1], completion_ids[rows], model, args)
@@ -193,22 +250,18 @@ def straightforward_logps(model, batch: Batch, completion_ids: torch.Tensor, mas
 def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch.Tensor, G: int) -> dict:
     """Model inputs of one forward: per question of `rows`, one sequence [prompt, its completions] (the
     batch's own padding dropped), left-padded to a common length L so that all end with their completions."""
-    qwen = unwrapped(model)
     questions = (rows // G).unique().tolist()
     sequences, positions, parts = [], [], []
     for q in questions:
-        prompt = batch.input_ids[q][batch.attention_mask[q].bool()]                       # [P]
+        real = batch.attention_mask[q].bool()
+        prompt = batch.input_ids[q][real]                                                  # [P]
         answers = completion_ids[rows[rows // G == q]]                                     # [k, C]
         k, C = answers.shape
         P = len(prompt)
-        sequence = torch.cat([prompt, answers.flatten()])                                  # [P + k*C]
-        alone = sequence[None, :P + C]                                                     # [1, P + C]
-        position, _ = qwen.model.get_rope_index(alone, video_token_types(alone, model),
-                                                video_grid_thw=batch.video_grid_thw[[q]])  # [3, 1, P + C]
-        # Every completion takes the positions o_1 takes after the prompt.
-        completions_at = position[:, 0, P:].repeat(1, k)                                   # [3, k*C]
-        sequences.append(sequence)
-        positions.append(torch.cat([position[:, 0, :P], completions_at], 1))              # [3, P + k*C]
+        sequences.append(torch.cat([prompt, answers.flatten()]))                           # [P + k*C]
+        # Every completion takes the positions that follow the prompt, as it would alone after it.
+        after = batch.next_position[q] + torch.arange(C, device=prompt.device).repeat(k)   # [k*C]
+        positions.append(torch.cat([batch.positions[:, q, real], after.expand(3, -1)], 1))  # [3, P + k*C]
         # Which part each token is: 0 the prompt, j the completion o_j.
         parts.append(torch.arange(k + 1, device=prompt.device).repeat_interleave(
             torch.tensor([P] + [C] * k, device=prompt.device)))                            # [P + k*C]
@@ -217,7 +270,7 @@ def packed_inputs(model, batch: Batch, completion_ids: torch.Tensor, rows: torch
     part = torch.stack([left_pad(p, L, -1) for p in parts])                                # [n, L]
     return dict(input_ids=input_ids,
                 position_ids=torch.stack([left_pad(p, L, 0) for p in positions], 1),       # [3, n, L]
-                attention_mask=packed_attention_mask(part, qwen.dtype),                    # [n, 1, L, L]
+                attention_mask=packed_attention_mask(part, unwrapped(model).dtype),        # [n, 1, L, L]
                 mm_token_type_ids=video_token_types(input_ids, model),
                 **video_inputs(batch, questions))
 
@@ -272,7 +325,7 @@ def logps_of_all(model, batch: Batch, completion_ids: torch.Tensor, mask: torch.
     return torch.cat([completion_logps(model, batch, completion_ids, mask, rows, args) for rows in chunks])
 
 
-# ======================================== 4. the rollout
+# ======================================== 6. the rollout
 @dataclass
 class Rollout:
     """G completions of each of B questions: sequence i answers question i // G."""
@@ -312,24 +365,17 @@ def generate(model, batch: Batch, config: GenerationConfig) -> torch.Tensor:
     G = config.num_return_sequences
     P = batch.input_ids.shape[1]
     questions = list(range(len(batch.samples)))
-    types = video_token_types(batch.input_ids, model)                                      # [B, P]
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, mm_token_type_ids=types)
-    if G == 1 or batch.video_features is None:  # one answer each (evaluation), or --straightforward
+    # New tokens take the positions after the prompt's last: generate() continues position_ids by 1 a token.
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=batch.positions, mm_token_type_ids=video_token_types(batch.input_ids, model))
+    if batch.video_features is None:  # --straightforward: generate() takes G copies of each prompt
         return model.generate(**inputs, **video_inputs(batch, questions), generation_config=config)[:, P:]
-    # The prompts' 3-D positions [3, B, P], and the offsets [B, 1] their videos leave (see below).
-    positions, deltas = model.model.get_rope_index(
-        batch.input_ids, types, video_grid_thw=batch.video_grid_thw, attention_mask=batch.attention_mask)
     # Prefill all but each prompt's last token, which generate() feeds itself; then copy the cache G times.
-    prefix = {name: value[:, :-1] for name, value in inputs.items()}                       # each [B, P - 1]
-    cache = model(**prefix, position_ids=positions[..., :-1], use_cache=True, logits_to_keep=1,
-                  **video_inputs(batch, questions)).cache
+    prefix = {name: value[..., :-1] for name, value in inputs.items()}                    # each [..., P - 1]
+    cache = model(**prefix, use_cache=True, logits_to_keep=1, **video_inputs(batch, questions)).cache
     cache.batch_repeat_interleave(G)                                                       # B*G rows
-    # With a filled cache, Qwen2-VL places each new token at its index plus model.model.rope_deltas, the
-    # offset that the video's 3-D positions leave ([rows, 1]), kept from the last call that computed
-    # positions (transformers' Qwen2VLForConditionalGeneration._prepare_position_ids_for_generation).
-    # Our prefill passed its positions itself, so the offsets are set here, one per copy.
-    model.model.rope_deltas = deltas.repeat_interleave(G, 0)                               # [B*G, 1]
-    copies = {name: value.repeat_interleave(G, 0) for name, value in inputs.items()}       # each [B*G, P]
+    # Each input G times, question by question (the positions' rows are their second dimension).
+    copies = {name: value.repeat_interleave(G, -2) for name, value in inputs.items()}     # each [..., B*G, P]
     one_each = GenerationConfig(**{**config.to_dict(), "num_return_sequences": 1})
     return model.generate(**copies, cache=cache, generation_config=one_each)[:, P:]
 
@@ -394,7 +440,7 @@ def rollout(policy, ref_model, batch: Batch, args, tokenizer) -> Rollout:
                    ref_logps)
 
 
-# ======================================== 5. the objective (Eq. 1)
+# ======================================== 7. the objective (Eq. 1)
 # GRPO (DeepSeekMath, arXiv 2402.03300), as vsGRPO trains it. For question q with completions o_1..o_G:
 #
 #   J(theta) = 1/G sum_i 1/|o_i| sum_t [ min( rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i ) - beta KL_it ]
@@ -430,7 +476,7 @@ def aggregate_loss(token_loss, mask, aggregation: str, num_sequences: int, num_t
     return token_loss.sum() / num_tokens
 
 
-# ======================================== 6. the optimisation step
+# ======================================== 8. the optimisation step
 def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     """mu optimiser steps on one rollout batch, gradients accumulated over micro-batches."""
     policy.train()  # only switches gradient checkpointing on: Qwen2-VL and our LoRA have no dropout
@@ -465,7 +511,7 @@ def optimise(model, policy, optimizer, accelerator, ro: Rollout, args) -> dict:
     return stats
 
 
-# ======================================== 7. training
+# ======================================== 9. training
 def reference_model(policy, args):
     """pi_ref under full fine-tuning: a frozen copy, made only when the KL term needs it. Under LoRA, None:
     pi_ref is the policy with its adapters off (lora_disabled)."""
@@ -491,8 +537,8 @@ def train(args) -> nn.Module:
         for step in range(start + 1, books.steps + 1):
             with timed("video_loading"):  # on a GPU, decoded in the background during the step before
                 rows, videos = books.videos_for(step)
-                batch = collate(rows, [question_text(r) for r in rows], videos, tokenizer,
-                                policy.config.video_token_id, accelerator.device)
+                batch = collate(rows, [question_text(r) for r in rows], videos, tokenizer, policy.config,
+                                accelerator.device)
             ro = rollout(policy, ref_model, batch, args, tokenizer)
             with timed("optimisation"):
                 stats = optimise(model, policy, optimizer, accelerator, ro, args)
@@ -559,8 +605,9 @@ class RunBooks:
                             "in bf16, overflows fp16 (transformers#33294). Use bf16 or no")
         self.args = args
         self.accelerator = accelerator
-        self.feed = VideoFeed(checked_samples(args), args, accelerator)
+        samples = checked_samples(args)
         self.eval_rows = checked_eval_rows(args) if args.eval_every else []
+        self.feed = VideoFeed(samples, args, accelerator)  # it reads the checkpoint's video format
         self.steps = args.max_steps or max(1, len(self.feed.samples) // self.feed.questions_per_step)
         self.lock = None
         self.signals = None
@@ -712,6 +759,7 @@ class VideoFeed:
         self.rank = accelerator.process_index
         self.world = accelerator.num_processes
         self.questions_per_step = args.batch_size * self.world
+        self.format = video_format(args.model)  # the checkpoint's family: before any model loads
         self.decoded: dict[str, bool] = {}  # every video tried: True if it decoded
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="videos") if PREFETCH else None
         self.ahead = None  # (step, its load under way)
@@ -721,7 +769,7 @@ class VideoFeed:
         indices = batch_indices(step - 1, self.rank, self.world, args.batch_size, len(self.samples),
                                 args.seed)
         rng = np.random.default_rng([args.seed, step, self.rank])
-        rows, videos, failures = load_batch(self.samples, indices, args, rng, self.decoded)
+        rows, videos, failures = load_batch(self.samples, indices, args, rng, self.decoded, self.format)
         return Loaded(rows, videos, failures, dict(self.decoded), len(rows) < len(indices))
 
     def take(self, step: int, last_step: int) -> Loaded:
@@ -1153,6 +1201,7 @@ def evaluate(policy, tokenizer, rows: list[dict], args, accelerator, protocol="b
     # VSI-Bench decodes 16 new tokens; a think or observe prompt needs the training length.
     new_tokens = 16 if benchmark and args.eval_prompt == "vanilla" else args.max_completion_length
     config = generation_config(policy, tokenizer, new_tokens)
+    fmt = video_format(args.model)
     predictions, skipped = [], []
     for start in range(0, len(mine), args.eval_batch_size):
         if signals and signals.received:
@@ -1162,7 +1211,7 @@ def evaluate(policy, tokenizer, rows: list[dict], args, accelerator, protocol="b
             try:
                 if benchmark and rows[i]["question_type"] not in BENCHMARK_TYPES:
                     raise DataError(f"unknown question_type {rows[i]['question_type']!r}")
-                chunk.append((i, load_video(rows[i]["video"], args.eval_num_frames, args.max_pixels)))
+                chunk.append((i, load_video(rows[i]["video"], args.eval_num_frames, args.max_pixels, fmt)))
             except DataError as e:
                 skipped.append({"index": i, "id": rows[i]["id"], "source": rows[i]["source"],
                                 "reason": str(e)})
@@ -1181,8 +1230,8 @@ def answer(policy, tokenizer, rows: list[dict], chunk: list, config, args, bench
     """The scored predictions of one batch of (row index, decoded video)."""
     questions = [rows[i] for i, _ in chunk]
     texts = [benchmark_prompt(q, args.eval_prompt) if benchmark else question_text(q) for q in questions]
-    batch = collate(questions, texts, [video for _, video in chunk], tokenizer, policy.config.video_token_id,
-                    policy.device)
+    batch = collate(questions, texts, [video for _, video in chunk], tokenizer, policy.config, policy.device)
+    batch.video_features = encode_videos(policy, batch)
     completion_ids = generate(policy, batch, config)
     outputs = decode(tokenizer, completion_ids, completion_mask(completion_ids, config.eos_token_id)[0])
     predictions = []
@@ -1373,7 +1422,7 @@ def build_random_model(path: str, texts: list[str], size: str = "tiny", seed: in
     large = config.text_config.hidden_size >= 1024
     torch.manual_seed(seed)
     with torch.device("cuda" if large and torch.cuda.is_available() else "cpu"):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = AutoModelForImageTextToText.from_config(config)
     model.to(torch.bfloat16 if large else torch.float32).save_pretrained(path)
 
 
