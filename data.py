@@ -155,6 +155,18 @@ def load_samples(patterns: list[str], video_root: str, prompt_mode: str,
     return samples
 
 
+def missing_videos(rows: list[dict], flag: str = "", root: str = "") -> dict[str, str]:
+    """{video: its first row, and the problem} of the videos not on disk. Given the root's `flag`, none there
+    at all is a wrong root, named as such."""
+    missing = {r["video"]: f"{r['source']}: video not found: {r['video']}"
+               for r in reversed(rows) if not os.path.isfile(r["video"])}
+    videos = {r["video"] for r in rows}
+    if flag and len(missing) == len(videos):
+        raise DataError(f"{flag} {root}: none of the {len(videos)} videos the rows name is there (for "
+                        f"example {rows[0]['video']})")
+    return missing
+
+
 # ----------------------------------------------------------------------------- the checkpoint's video format
 @dataclass(frozen=True)
 class VideoFormat:

@@ -553,6 +553,7 @@ def train(args) -> nn.Module:
 # The tools' own imports stand here, so that the list at the top shows what the method needs.
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -561,20 +562,22 @@ import shutil
 import signal
 import sys
 import time
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from pathlib import Path
 
 import av
 import numpy as np
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
+from transformers import AutoConfig, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
 
-from data import (DECODED, PROMPTS, batch_indices, benchmark_prompt, expand_paths,
-                  load_batch, load_samples, load_video, read_rows)
+from data import (DECODED, FAMILIES, PROMPTS, batch_indices, benchmark_prompt, expand_paths,
+                  load_batch, load_samples, load_video, missing_videos, read_rows)
 from rewards import (BENCHMARK_TASKS, BENCHMARK_TYPES, DEFAULT_REWARDS, REWARDS, answer_score,
                      benchmark_score, clean_prediction, extract_answer, no_video_baseline, task_scores)
 
@@ -605,32 +608,51 @@ class RunBooks:
                             "in bf16, overflows fp16 (transformers#33294). Use bf16 or no")
         self.args = args
         self.accelerator = accelerator
-        samples = checked_samples(args)
-        self.eval_rows = checked_eval_rows(args) if args.eval_every else []
-        self.feed = VideoFeed(samples, args, accelerator)  # it reads the checkpoint's video format
-        self.steps = args.max_steps or max(1, len(self.feed.samples) // self.feed.questions_per_step)
+        # Each process checks what it will read: one that fails, or sees another node's files, stops them all.
+        checked = collectively(accelerator, self.check_data)
+        other = next((place for digest, place in checked if digest != checked[0][0]), None)
+        if other:
+            raise DataError(f"{other} reads other rows or videos than the main process: every node needs the "
+                            "same --data, --video-root, --eval-data and --model at the same paths")
+        self.feed = VideoFeed(self.samples, args, accelerator, self.format)
+        self.steps = args.max_steps or max(1, len(self.samples) // self.feed.questions_per_step)
         self.lock = None
         self.signals = None
-        self.resume_from = on_main_process(accelerator, self.claim_output_dir)
+        self.resume_from, claim = collectively(accelerator, self.claim_output_dir, main_only=True)[0]
+        try:
+            collectively(accelerator, lambda: see_output_dir(args.output_dir, claim, accelerator))
+        except DataError:
+            release_lock(self.lock)
+            raise
 
-    def claim_output_dir(self) -> str | None:
-        """Lock --output-dir, then free it for a new run, or find the checkpoint --resume goes on from."""
-        self.lock = take_lock(self.args.output_dir)
+    def check_data(self) -> tuple[str, str]:
+        """This process's rows, held-out rows and checkpoint format, checked; a digest of them, and where."""
+        self.samples = checked_samples(self.args)
+        self.eval_rows = checked_eval_rows(self.args) if self.args.eval_every else []
+        self.format = video_format(self.args.model)  # the checkpoint's family: before any model loads
+        seen = json.dumps([self.samples, self.eval_rows, vars(self.format)])
+        return hashlib.sha256(seen.encode()).hexdigest(), where(self.accelerator)
+
+    def claim_output_dir(self) -> tuple[str | None, str]:
+        """Lock --output-dir, then free it for a new run, or find the checkpoint --resume goes on from:
+        (that checkpoint or None, the claim written in the lock file)."""
+        claim = f"held by {where(self.accelerator)}, pid {os.getpid()}, since {time.ctime()}"
+        self.lock = take_lock(self.args.output_dir, claim)
         try:
             if self.args.resume:
-                return checkpoint_to_resume(self.args, self.accelerator.num_processes, self.steps)
+                return checkpoint_to_resume(self.args, self.accelerator.num_processes, self.steps), claim
             free_output_dir(self.args.output_dir, self.args.overwrite, resumable=True)
         except DataError:
             release_lock(self.lock)
             raise
-        return None
+        return None, claim
 
     def __enter__(self):
         return self
 
     def __exit__(self, *error):
-        if self.signals:
-            self.signals.restore()
+        if self.signals and not (error[0] and self.signals.received):  # stopping on a signal, a repeat
+            self.signals.restore()                                       # still changes nothing till exit
         self.feed.close()
         for tracker in self.accelerator.trackers:  # not end_training(): evaluation may need the processes
             tracker.finish()
@@ -738,14 +760,8 @@ class RunBooks:
 PREFETCH = torch.cuda.is_available()
 
 
-@dataclass
-class Loaded:
-    """One step's rows and decoded videos, as load_batch left them."""
-    rows: list[dict]
-    videos: list
-    failures: list[str]       # this step's videos that failed to decode
-    decoded: dict[str, bool]  # every video the run has tried, up to this step: True if it decoded
-    short: bool               # too few decodable videos to fill the batch
+# A step's rows and videos; those that failed, every video tried so far (True: it decoded), a short batch.
+Loaded = namedtuple("Loaded", "rows videos failures decoded short")
 
 
 class VideoFeed:
@@ -753,13 +769,13 @@ class VideoFeed:
     trains, a thread decodes step s + 1 (PyAV and torch release the GIL). Each load starts after the one
     before has ended, so skipped videos and the record of bad ones are exactly those of loading in turn."""
 
-    def __init__(self, samples: list[dict], args, accelerator: Accelerator):
+    def __init__(self, samples: list[dict], args, accelerator: Accelerator, fmt):
         self.samples = samples
         self.args = args
         self.rank = accelerator.process_index
         self.world = accelerator.num_processes
         self.questions_per_step = args.batch_size * self.world
-        self.format = video_format(args.model)  # the checkpoint's family: before any model loads
+        self.format = fmt  # the checkpoint's: how its tower takes video
         self.decoded: dict[str, bool] = {}  # every video tried: True if it decoded
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="videos") if PREFETCH else None
         self.ahead = None  # (step, its load under way)
@@ -789,22 +805,24 @@ class VideoFeed:
             self.pool.shutdown(cancel_futures=True)
 
 
-def make_accelerator() -> Accelerator:
-    """The tools' accelerator. On a CPU, Accelerator() alone would pick no process group."""
-    return Accelerator(cpu=not torch.cuda.is_available())
-
-
-def on_main_process(accelerator, work):
-    """work() on the main process alone (it claims the output directory, or writes files the others read).
-    Every process returns its result or raises its DataError: all stop alike."""
+def collectively(accelerator, work, main_only: bool = False) -> list:
+    """work() on every process, or the main one; then each gets all results or raises the first failure.
+    Success and failure take the same collective: one that a process skipped would leave the rest waiting."""
+    result = None
+    failure = None
     try:
-        result = work() if accelerator.is_main_process else None
-    except DataError as e:
-        result = e
-    [result] = broadcast_object_list([result])
-    if isinstance(result, DataError):
-        raise result
-    return result
+        result = work() if accelerator.is_main_process or not main_only else None
+    except Exception as e:  # a DataError; an OSError of this node's disk
+        failure = str(e) if isinstance(e, DataError) else f"{type(e).__name__} on {where(accelerator)}: {e}"
+    outcomes = gather_object([(result, failure)])
+    failures = [failure for _, failure in outcomes if failure]
+    if failures:
+        raise DataError(failures[0])
+    return [result for result, _ in outcomes]
+
+
+def where(accelerator) -> str:
+    return f"process {accelerator.process_index} ({os.uname().nodename})"
 
 
 def step_metrics(ro, args, stats: dict, num_bad: int, lr: float) -> dict:
@@ -920,51 +938,51 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(accelerator, policy, optimizer, tokenizer, args, step: int) -> str:
-    """checkpoint-N/: the merged model; in trainer/ what --resume needs; sizes.json, written last. Written to
-    checkpoint-N.partial and renamed into place: a kill during a save leaves no checkpoint that looks
-    complete. A failed save (a full disk) removes its partial files and stops the run. The newest --keep
-    are kept."""
+    """checkpoint-N/: the merged model; in trainer/ what --resume needs; sizes.json, last. Written as .partial
+    and renamed: a kill leaves no checkpoint that looks complete. A failed save (a full disk) removes its
+    partial files and stops the run. The newest --keep are kept."""
     final = os.path.join(args.output_dir, f"checkpoint-{step:06d}")
     partial = final + ".partial"
     trainer = os.path.join(partial, "trainer")
-    main = accelerator.is_main_process
-    if main:
+
+    def fresh_directory():
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(trainer)
-    accelerator.wait_for_everyone()
-    try:
+
+    def random_state():  # each process's own
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, os.path.join(trainer, f"rng-rank{accelerator.process_index}.pt"))
-        accelerator.wait_for_everyone()  # every process's random state is on disk before sizes.json
-        if main:
-            transformers_logging.disable_progress_bar()  # its bar of shards says less than "saved PATH (N s)"
-            policy.save_pretrained(partial, state_dict=merged_state_dict(policy))  # from_pretrained loads it
-            tokenizer.save_pretrained(partial)
-            trainable = {n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad}
-            save_file(trainable, os.path.join(trainer, "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), os.path.join(trainer, "optimizer.pt"))
-            config = {**vars(args), "world_size": accelerator.num_processes}
-            with open(os.path.join(trainer, "state.json"), "w") as f:
-                json.dump({"step": step, "config": config}, f)
-            with open(os.path.join(partial, "sizes.json"), "w") as f:
-                json.dump(file_sizes(partial), f, indent=1)
-        error = None
-    except Exception as e:  # a full disk: OSError, or safetensors' own error type
-        error = f"{type(e).__name__}: {e}"
-    errors = [e for e in gather_object([error]) if e]  # one collective: every process learns of any failure
-    if errors:
-        if main:
-            shutil.rmtree(partial, ignore_errors=True)
-        last = (checkpoints(args.output_dir) or ["none"])[-1]
-        raise RunStopped(f"could not write {final}: {errors[0]}. Its partial files were removed; "
-                         f"the last complete checkpoint is {last}")
-    if main:
+
+    def model_and_trainer():  # after every process's random state: sizes.json lists them all
+        transformers_logging.disable_progress_bar()  # its bar of shards says less than "saved PATH (N s)"
+        policy.save_pretrained(partial, state_dict=merged_state_dict(policy))  # from_pretrained loads it
+        tokenizer.save_pretrained(partial)
+        trainable = {n: p.detach().contiguous() for n, p in policy.named_parameters() if p.requires_grad}
+        save_file(trainable, os.path.join(trainer, "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(trainer, "optimizer.pt"))
+        config = {**vars(args), "world_size": accelerator.num_processes}
+        with open(os.path.join(trainer, "state.json"), "w") as f:
+            json.dump({"step": step, "config": config}, f)
+        with open(os.path.join(partial, "sizes.json"), "w") as f:
+            json.dump(file_sizes(partial), f, indent=1)
+
+    def into_place():
         os.rename(partial, final)
         for old in checkpoints(args.output_dir)[:-args.keep]:
             shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+
+    try:  # each part, then one collective that every process takes, the part failed or not
+        for part, main_only in ((fresh_directory, True), (random_state, False), (model_and_trainer, True)):
+            collectively(accelerator, part, main_only)
+    except DataError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        last = (checkpoints(args.output_dir) or ["none"])[-1]
+        raise RunStopped(f"could not write {final}: {e}. Its partial files were removed; the last complete "
+                         f"checkpoint is {last}") from None
+    collectively(accelerator, into_place, main_only=True)
     return final
 
 
@@ -1000,13 +1018,12 @@ def checkpoints(output_dir: str) -> list[str]:
 # Flags a resumed run may change: none changes what a step computes.
 MAY_CHANGE = {"max_steps", "save_every", "keep", "log_completions_every", "eval_every", "eval_limit",
               "eval_data", "eval_video_root", "eval_prompt", "eval_num_frames", "eval_batch_size", "resume",
-              "overwrite", "micro_batch_size", "gradient_checkpointing", "straightforward",
-              "max_bad_video_fraction", "eval_only", "demo", "benchmark", "trust_remote_code", "report_to"}
+              "overwrite", "micro_batch_size", "gradient_checkpointing", "straightforward", "report_to",
+              "max_bad_video_fraction", "eval_only", "demo", "benchmark", "family", "trust_remote_code"}
 
 
 def checkpoint_to_resume(args, world_size: int, steps: int) -> str:
-    """The newest checkpoint in --output-dir, if it is sound, comes from a run with these settings, and has
-    steps left to train."""
+    """The newest checkpoint in --output-dir, if sound, of a run with these settings, with steps left."""
     found = checkpoints(args.output_dir)
     if not found:
         raise DataError(f"--resume: no complete checkpoint in {args.output_dir}; nothing was changed "
@@ -1077,9 +1094,9 @@ def free_output_dir(output_dir: str, overwrite: bool, names: str = RUN_FILES, re
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def take_lock(output_dir: str):
+def take_lock(output_dir: str, claim: str):
     """output_dir/run.lock, locked by the kernel until released or this process ends, however it ends: a
-    second run into the directory stops here, and a killed run's lock is free again."""
+    second run into the directory stops here, and a killed run's lock is free again. It says `claim`."""
     os.makedirs(output_dir, exist_ok=True)
     lock = open(os.path.join(output_dir, "run.lock"), "a")
     try:
@@ -1088,7 +1105,19 @@ def take_lock(output_dir: str):
         lock.close()
         raise DataError(f"--output-dir {output_dir} is in use by another run (it holds {lock.name}). "
                         "Wait for it to end, or use another --output-dir") from None
+    lock.truncate(0)
+    lock.write(claim)
+    lock.flush()
     return lock
+
+
+def see_output_dir(output_dir: str, claim: str, accelerator) -> None:
+    """Every other process must read the main process's claim in the lock file (the main one must not: closing
+    a file releases its process's lockf locks). A run's nodes need --output-dir on one shared filesystem."""
+    lock = Path(output_dir, "run.lock")
+    if not accelerator.is_main_process and (not lock.is_file() or lock.read_text() != claim):
+        raise DataError(f"--output-dir {output_dir}: {where(accelerator)} does not see the directory the "
+                        "main process made: a run's nodes need --output-dir on one filesystem they share")
 
 
 def release_lock(lock) -> None:
@@ -1158,18 +1187,6 @@ def checked_samples(args) -> list[dict]:
         warn(f"{len(missing)} video(s) missing; their rows are dropped, {len(samples)} rows left:\n"
              f"  {listed}")
     return samples
-
-
-def missing_videos(rows: list[dict], flag: str = "", root: str = "") -> dict[str, str]:
-    """{video: its first row, and the problem} of the videos not on disk. Given the root's `flag`, none there
-    at all is a wrong root, named as such."""
-    missing = {r["video"]: f"{r['source']}: video not found: {r['video']}"
-               for r in reversed(rows) if not os.path.isfile(r["video"])}
-    videos = {r["video"] for r in rows}
-    if flag and len(missing) == len(videos):
-        raise DataError(f"{flag} {root}: none of the {len(videos)} videos the rows name is there (for "
-                        f"example {rows[0]['video']})")
-    return missing
 
 
 def checked_eval_rows(args) -> list[dict]:
@@ -1279,15 +1296,15 @@ def write_evaluation(predictions: list[dict], skipped: list[dict], args) -> dict
 
 
 def run_evaluation(args) -> dict:
-    accelerator = make_accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rows = load_samples(args.eval_data, args.eval_video_root, args.eval_prompt)
     missing_videos(rows, "--eval-video-root", args.eval_video_root)  # a few are reported, unscored
     types = sorted({r["question_type"] for r in rows})  # a few unknown are reported; all is a mistake
     if not BENCHMARK_TYPES & set(types):
         raise DataError(f"--eval-data: none of the {len(rows)} rows is of a question type VSI-Bench scores "
                         f"(found: {', '.join(types[:10])})")
-    on_main_process(accelerator, lambda: free_output_dir(args.output_dir, args.overwrite,
-                                                         r"predictions\.jsonl|metrics\.json"))
+    collectively(accelerator, lambda: free_output_dir(args.output_dir, args.overwrite,
+                                                      r"predictions\.jsonl|metrics\.json"), main_only=True)
     args.lora_rank = 0  # a checkpoint is scored as saved: merged, no adapters
     policy, tokenizer = load_model(args, accelerator.device, training=False)
     predictions, skipped = evaluate(policy, tokenizer, rows, args, accelerator)
@@ -1363,22 +1380,29 @@ def write_synthetic_dataset(out_dir: str, num_questions: int, seed: int = 0, num
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-# Shapes of Qwen2-VL with random weights. 2b and 7b are Qwen2-VL-2B/7B-Instruct's config.json, measured
-# with nothing downloaded; tiny is the demo's; small is 2b at about a sixth of its widths and vocabulary,
-# with 4 + 4 layers, so a CPU runs it in minutes.
+
+
+# A random model's shape: its language model's width, MLP, layers, heads, KV heads and vocabulary (0: the
+# tokenizer's); its vision tower's depth, width, MLP and heads; whether the output head is the input
+# embedding; the heads' width (0: width / heads); Qwen3-VL's DeepStack layers of the tower.
+Shape = namedtuple("Shape", "hidden mlp layers heads kv_heads vocab depth width vision_mlp vision_heads tied "
+                   "head_dim deepstack", defaults=(True, 0, ()))
+# tiny is the demo's; small is Qwen2-VL-2B's layout at about a sixth of its widths and vocabulary, 4 + 4
+# layers, so a CPU runs it in minutes. Both are built in every family; the others are the real shapes, from
+# each checkpoint's config.json on the hub (Qwen/Qwen2-VL-2B-Instruct, ...), measured with nothing downloaded.
+TINY = Shape(64, 128, 2, 4, 2, 0, 2, 32, 64, 2, deepstack=(1,))
+SMALL = Shape(256, 1536, 4, 4, 2, 25344, 4, 224, 896, 4, deepstack=(1, 2, 3))
 SIZES = {
-    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, rope_theta=1e4),
-                 vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2), tied=True),
-    "small": dict(text=dict(hidden_size=256, intermediate_size=1536, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, vocab_size=25344),
-                  vision=dict(depth=4, embed_dim=224, num_heads=4, mlp_ratio=4), tied=True),
-    "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, vocab_size=151936),
-               vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4), tied=True),
-    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, vocab_size=152064),
-               vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4), tied=False),
+    "qwen2_vl": {"tiny": TINY, "small": SMALL,
+                 "2b": Shape(1536, 8960, 28, 12, 2, 151936, 32, 1280, 5120, 16),
+                 "7b": Shape(3584, 18944, 28, 28, 4, 152064, 32, 1280, 5120, 16, tied=False)},
+    "qwen2_5_vl": {"tiny": TINY, "small": SMALL,
+                   "3b": Shape(2048, 11008, 36, 16, 2, 151936, 32, 1280, 3420, 16),
+                   "7b": Shape(3584, 18944, 28, 28, 4, 152064, 32, 1280, 3420, 16, tied=False)},
+    "qwen3_vl": {"tiny": TINY, "small": SMALL,
+                 "2b": Shape(2048, 6144, 28, 16, 8, 151936, 24, 1024, 4096, 16, deepstack=(5, 11, 17)),
+                 "4b": Shape(2560, 9728, 36, 32, 8, 151936, 24, 1024, 4096, 16, True, 128, (5, 11, 17)),
+                 "8b": Shape(4096, 12288, 36, 32, 8, 151936, 27, 1152, 4304, 16, False, 128, (8, 16, 24))},
 }
 
 
@@ -1396,29 +1420,46 @@ def word_level_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def model_config(size: str, tokenizer) -> Qwen2VLConfig:
-    """The Qwen2-VL config of a named size; the full sizes keep their real vocabulary."""
+def model_config(family: str, size: str, tokenizer):
+    """The config of a random model of `family` and `size`; the real sizes keep their real vocabulary."""
+    shape = SIZES[family][size]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = {"vocab_size": len(tokenizer), **SIZES[size]["text"]}
-    half = text["hidden_size"] // text["num_attention_heads"] // 2
-    # M-RoPE splits each head's rotary frequencies over (time, height, width) as 1/4, 3/8, 3/8.
-    rope = dict(rope_type="default", rope_theta=text.pop("rope_theta"),
-                mrope_section=[half // 4, 3 * half // 8, 3 * half // 8])
-    return Qwen2VLConfig(
-        text_config=dict(text, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], rope_parameters=rope),
-        vision_config=dict(SIZES[size]["vision"], hidden_size=text["hidden_size"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=SIZES[size]["tied"])
+    head_dim = shape.head_dim or shape.hidden // shape.heads
+    # M-RoPE splits each head's rotary frequencies over (time, height, width): 16, 24, 24 of 64 in Qwen2-VL
+    # and Qwen2.5-VL; Qwen3-VL interleaves them, 24, 20, 20.
+    rope = dict(rope_type="default", mrope_section=[head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16])
+    if family == "qwen3_vl":
+        sections = [head_dim // 2 - 2 * (5 * head_dim // 32), 5 * head_dim // 32, 5 * head_dim // 32]
+        rope = dict(rope_type="default", mrope_section=sections, mrope_interleaved=True)
+    rope["rope_theta"] = 1e4 if size == "tiny" else 5e6 if family == "qwen3_vl" else 1e6
+    text = dict(hidden_size=shape.hidden, intermediate_size=shape.mlp, num_hidden_layers=shape.layers,
+                num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=head_dim,
+                vocab_size=shape.vocab or len(tokenizer), rope_parameters=rope, bos_token_id=None,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    # Each family's merger gives the language model's width; Qwen2-VL's tower names its sizes otherwise.
+    vision = dict(depth=shape.depth, num_heads=shape.vision_heads, hidden_size=shape.width,
+                  intermediate_size=shape.vision_mlp, out_hidden_size=shape.hidden)
+    if family == "qwen2_vl":
+        vision = dict(depth=shape.depth, num_heads=shape.vision_heads, embed_dim=shape.width,
+                      mlp_ratio=shape.vision_mlp // shape.width, hidden_size=shape.hidden)
+    if family == "qwen2_5_vl":
+        vision["tokens_per_second"] = 2  # the released checkpoints' (the config class says 4)
+    if family == "qwen3_vl":
+        vision["deepstack_visual_indexes"] = list(shape.deepstack)
+    return AutoConfig.for_model(family, text_config=text, vision_config=vision,
+                                tie_word_embeddings=shape.tied, image_token_id=ids["<|image_pad|>"],
+                                video_token_id=ids["<|video_pad|>"],
+                                vision_start_token_id=ids["<|vision_start|>"],
+                                vision_end_token_id=ids["<|vision_end|>"])
 
 
-def build_random_model(path: str, texts: list[str], size: str = "tiny", seed: int = 0) -> None:
-    """A word-level tokenizer over `texts` and a random Qwen2-VL of a named size, saved as a hub checkpoint
-    is. The full sizes are built on the GPU when there is one, and saved in bf16."""
+def build_random_model(path: str, texts: list[str], size: str = "tiny", seed: int = 0,
+                       family: str = "qwen2_vl") -> None:
+    """A word-level tokenizer over `texts` and a random model of `family` and `size`, saved as a hub
+    checkpoint is. The full sizes are built on the GPU when there is one, and saved in bf16."""
     tokenizer = word_level_tokenizer(texts)
     tokenizer.save_pretrained(path)
-    config = model_config(size, tokenizer)
+    config = model_config(family, size, tokenizer)
     large = config.text_config.hidden_size >= 1024
     torch.manual_seed(seed)
     with torch.device("cuda" if large and torch.cuda.is_available() else "cpu"):
@@ -1426,34 +1467,29 @@ def build_random_model(path: str, texts: list[str], size: str = "tiny", seed: in
     model.to(torch.bfloat16 if large else torch.float32).save_pretrained(path)
 
 
-def synthetic_setup(out: str, size: str, num_questions: int, seed: int = 0, **video) -> list[dict]:
-    """Synthetic rows and videos under `out`, and a random model of `size` over their words in out/model.
-    The prompts' instructions stay out of the vocabulary: fewer words, more right guesses to learn from."""
+def synthetic_setup(out: str, family: str, size: str, num_questions: int, seed: int = 0, **video) -> list:
+    """Synthetic rows and videos under `out`, and a random model of `family` and `size` over their words in
+    out/model. The prompts' instructions stay out of the vocabulary: fewer words, more right guesses to learn
+    from. Qwen3-VL's prompt names the time of each pair of frames ("<0.5 seconds>")."""
     rows = read_rows(write_synthetic_dataset(out, num_questions, seed, **video))
     texts = [r["question"] + " " + r["ground_truth"] for r in rows] + ["system you are a helpful assistant"]
-    build_random_model(os.path.join(out, "model"), texts, size)
+    texts += ["<seconds> 0 1 2 3 4 5 6 7 8 9 ."] if family == "qwen3_vl" else []
+    build_random_model(os.path.join(out, "model"), texts, size, family=family)
     return rows
 
 
 # ---------------------------------------------------------------------------- the demo
-def demo_flags(out: str) -> list[str]:
+def demo_flags(out: str, family: str) -> list[str]:
     """The demo's settings; flags given after --demo override them. At --learning-rate 1e-3, 2 of seeds 0
-    to 4 settled on one answer to every colour question before learning to see colour; at 5e-4, 1 of 10."""
+    to 4 settled on one answer to every colour question before learning to see colour; at 5e-4, 1 of 10.
+    Frames of four tokens: 56x56 pixels in Qwen2-VL and Qwen2.5-VL, 64x64 in Qwen3-VL."""
+    pixels = (2 * FAMILIES[family].patch * FAMILIES[family].merge) ** 2
     return ["--model", f"{out}/model", "--data", f"{out}/train.jsonl", "--video-root", f"{out}/videos",
             "--eval-data", f"{out}/heldout.jsonl", "--eval-video-root", f"{out}/videos", "--num-frames", "4",
-            "--eval-num-frames", "4", "--max-pixels", str(56 * 56), "--max-completion-length", "1",
+            "--eval-num-frames", "4", "--max-pixels", str(pixels), "--max-completion-length", "1",
             "--lora-rank", "0", "--learning-rate", "5e-4", "-G", "8", "--batch-size", "16",
             "--micro-batch-size", "128", "--max-steps", "400", "--save-every", "400",
             "--log-completions-every", "100", "--eval-batch-size", "50"]
-
-
-def reward_curve(values: list[float], height: int = 8, width: int = 60) -> str:
-    """A column chart of `values`, averaged into at most `width` columns."""
-    means = [float(np.mean(chunk)) for chunk in np.array_split(np.array(values), min(width, len(values)))]
-    top = max(max(means), 1e-9)
-    rows = [f"{top * level / height:5.2f} |" + "".join("#" if m >= top * (level - 0.5) / height else " "
-                                                         for m in means) for level in range(height, 0, -1)]
-    return "\n".join(rows + ["      +" + "-" * len(means), f"       steps 1 to {len(values)}"])
 
 
 def accuracy_per_type(policy, tokenizer, rows: list[dict], args, accelerator) -> dict[str, float]:
@@ -1465,17 +1501,19 @@ def accuracy_per_type(policy, tokenizer, rows: list[dict], args, accelerator) ->
 
 def run_demo(argv: list[str]) -> dict:
     """Write synthetic data and a tiny model, score held-out questions, train with GRPO, score again."""
-    out = parse_args(argv).output_dir
+    demo = parse_args(argv)
+    out = demo.output_dir
     started = time.perf_counter()
-    accelerator = make_accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     transformers_logging.disable_progress_bar()  # the demo saves and loads its model several times
 
     def write_data():  # one writer (under accelerate launch); the other processes wait for the files
-        free_output_dir(out, "--overwrite" in argv, r"run|model|videos|(train|heldout)\.jsonl|demo\.json")
-        synthetic_setup(out, "tiny", 400)
+        free_output_dir(out, demo.overwrite, r"run|model|videos|(train|heldout)\.jsonl|demo\.json")
+        synthetic_setup(out, demo.family, "tiny", 400)
         write_synthetic_dataset(out, 200, seed=1, name="heldout")
-    on_main_process(accelerator, write_data)
-    args = parse_args(demo_flags(out) + [a for a in argv if a != "--demo"] + ["--output-dir", f"{out}/run"])
+    collectively(accelerator, write_data, main_only=True)
+    flags = demo_flags(out, demo.family) + [a for a in argv if a != "--demo"]
+    args = parse_args(flags + ["--output-dir", f"{out}/run"])
     held_out = load_samples(args.eval_data, args.eval_video_root, args.prompt_mode)
     policy, tokenizer = load_model(args, accelerator.device)  # loaded back as a real checkpoint is
     before = accuracy_per_type(policy, tokenizer, held_out, args, accelerator)
@@ -1490,10 +1528,12 @@ def run_demo(argv: list[str]) -> dict:
         for t in before:
             sees = "  <- sees the video" if after[t] > blind[t] else ""
             print(f"{t:24} {before[t]:7.2f} {after[t]:7.2f} {blind[t]:19.2f}{sees}")
-        metrics = open(os.path.join(args.output_dir, "metrics.jsonl"))
+        metrics = Path(args.output_dir, "metrics.jsonl").read_text().splitlines()
+        tenth = max(1, len(metrics) // 10)
         rewards = [json.loads(line)["reward"] for line in metrics]
-        print(f"{'mean':24} {result['mean_before']:7.2f} {result['mean_after']:7.2f}\n\ntraining reward per "
-              f"step\n{reward_curve(rewards)}\n{result['seconds']:.0f} s in all")
+        means = " ".join(f"{np.mean(rewards[i:i + tenth]):.2f}" for i in range(0, len(rewards), tenth))
+        print(f"{'mean':24} {result['mean_before']:7.2f} {result['mean_after']:7.2f}\n\ntraining reward, "
+              f"means of {tenth} steps: {means}\n{result['seconds']:.0f} s in all")
         with open(os.path.join(out, "demo.json"), "w") as f:
             json.dump(result, f, indent=1)
     return result
@@ -1508,16 +1548,17 @@ PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}
 def run_benchmark(argv: list[str]) -> dict:
     """--benchmark SIZE: the same steps, seed and videos on the default path, then the straightforward one."""
     args = parse_args(argv)
-    accelerator = make_accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     steps = args.max_steps or 4
     out = args.output_dir
     transformers_logging.disable_progress_bar()
 
     def write_data():  # one writer; the other processes wait for the files
         free_output_dir(out, args.overwrite, r"benchmark\.jsonl?|straightforward|default|model|videos")
-        synthetic_setup(out, args.benchmark, args.batch_size * accelerator.num_processes * steps, args.seed,
-                        num_frames=args.num_frames, name="benchmark", scale=4)
-    on_main_process(accelerator, write_data)
+        questions = args.batch_size * accelerator.num_processes * steps
+        synthetic_setup(out, args.family, args.benchmark, questions, args.seed, num_frames=args.num_frames,
+                        name="benchmark", scale=4)
+    collectively(accelerator, write_data, main_only=True)
     results = {"straightforward": {}, "default": {}}
     # The default path first: on a CPU, peak memory is the process's peak so far, so each path's is its own.
     for path in ("default", "straightforward"):
@@ -1604,7 +1645,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--video-root", default=".", help="directory the rows' video paths are relative to")
     a("--prompt-mode", choices=list(PROMPTS), default="vanilla", help="paper's best model, vsGRPO-V: vanilla")
     a("--num-frames", type=int, default=16, help="frames per video (open recipes: 16)")
-    a("--max-pixels", type=int, default=128 * 28 * 28, help="pixels per frame, at most (open recipes)")
+    a("--max-pixels", type=int, default=128 * 28 * 28, help="pixels per frame, at most (open recipes), in "
+      "every family (Qwen3-VL's own processor budgets the whole clip)")
     a("--rewards", nargs="+", choices=sorted(REWARDS), help="default: accuracy, plus format outside vanilla")
     a("--reward-weights", nargs="+", type=float, help="one per reward (default: all 1)")
     a("--num-generations", "-G", type=int, default=14, help="completions per question G (paper: 14)")
@@ -1649,8 +1691,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-every", type=int, default=0, help="in training, score --eval-limit held-out questions every N")
     a("--eval-limit", type=int, default=0, help="questions scored by --eval-every (0 = all)")
     a("--demo", action="store_true", help="offline, on a CPU: synthetic videos, a tiny model, GRPO, scores")
-    a("--benchmark", choices=list(SIZES), help="time --max-steps steps (default 4) of a random model of this "
-      "size, on the straightforward and the default path, on synthetic videos")
+    a("--benchmark", choices=sorted({size for sizes in SIZES.values() for size in sizes}),
+      help="time --max-steps steps (default 4) of a random model of this size, both paths, synthetic videos")
+    a("--family", choices=list(SIZES), default="qwen2_vl", help="the random model's of --demo, --benchmark")
     return parser
 
 
@@ -1692,6 +1735,8 @@ def flag_problems(args) -> list[str]:
         (not args.data and not (args.eval_only or args.demo or args.benchmark),
          "--data is required (no data yet? try --demo)"),
         (args.benchmark and args.max_steps == 1, "--benchmark needs --max-steps of 2 or more: 1 warms up"),
+        (args.benchmark and args.benchmark not in SIZES[args.family],
+         f"--benchmark {args.benchmark}: {args.family} comes in {', '.join(SIZES[args.family])}"),
         ((args.eval_only or args.eval_every) and not args.eval_data,
          "--eval-only and --eval-every need --eval-data"),
         (args.report_to not in trackers,
