@@ -99,7 +99,7 @@ def load_model(args, device: torch.device, training: bool = True):
     return model, tokenizer
 
 
-def unwrapped(model):  # the Qwen2-VL inside the DDP wrapper that accelerator.prepare may add
+def unwrapped(model):  # the Qwen-VL model inside the DDP wrapper that accelerator.prepare may add
     return getattr(model, "module", model)
 
 
@@ -928,7 +928,7 @@ class RunStopped(Exception):
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A plain Qwen2-VL's state: each W + (alpha / r) B A, summed in float32 and stored in W's dtype."""
+    """A plain Qwen-VL model's state: each W + (alpha / r) B A, summed in float32, stored in W's dtype."""
     state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
@@ -1637,10 +1637,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Every flag with its default's source: "paper" is 2504.00883; "open recipes" are the open video-GRPO
     recipes for Qwen2-VL, for what the paper leaves out; "our choice" where neither says."""
     # allow_abbrev=False: a prefix of a flag (--learning for --learning-rate) is a mistake, not that flag.
-    parser = Parser(description="GRPO for Qwen2-VL on video spatial questions (vsGRPO).",
+    parser = Parser(description="GRPO for Qwen-VL models on video spatial questions (vsGRPO).",
                     formatter_class=HelpFormatter, allow_abbrev=False)
     a = parser.add_argument_group("the method").add_argument
-    a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub name or local path (paper: Qwen2-VL-2B/7B)")
+    a("--model", default="Qwen/Qwen2-VL-2B-Instruct", help="hub name or path (paper: Qwen2-VL-2B/7B)")
     a("--data", nargs="+", help="training rows: JSON or JSONL files or globs (paper: VSI-100k)")
     a("--video-root", default=".", help="directory the rows' video paths are relative to")
     a("--prompt-mode", choices=list(PROMPTS), default="vanilla", help="paper's best model, vsGRPO-V: vanilla")
