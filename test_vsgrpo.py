@@ -2503,11 +2503,12 @@ def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(synthetic, t
 def test_a_repeated_signal_changes_nothing_the_step_still_finishes_and_is_saved(synthetic, tmp_path):
     # Under accelerate launch one Ctrl-C reaches a worker twice: from the terminal, and forwarded by the launcher.
     flags = training_flags(synthetic, tmp_path, "--max-steps", "1000", "--save-every", "1000", "--num-iterations",
-                           "100", "--log-completions-every", "0", reward="accuracy")
+                           "300", "--log-completions-every", "0", reward="accuracy")
     run = start([sys.executable, os.path.join(HERE, "vsgrpo.py"), *flags])
     wait_for_steps(run, tmp_path / "metrics.jsonl", 1)
+    time.sleep(1)                    # well into step 2 (300 passes take seconds), so that both signals reach it
     os.kill(run.pid, signal.SIGINT)
-    time.sleep(0.3)
+    time.sleep(0.1)
     os.kill(run.pid, signal.SIGINT)
     code, _, err = finish(run)
     done = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl") if "stopped" not in line]

@@ -651,8 +651,8 @@ class RunBooks:
         return self
 
     def __exit__(self, *error):
-        if self.signals and not (error[0] and self.signals.received):  # stopping on a signal, a repeat
-            self.signals.restore()                                       # still changes nothing till exit
+        if self.signals:
+            self.signals.restore()
         self.feed.close()
         for tracker in self.accelerator.trackers:  # not end_training(): evaluation may need the processes
             tracker.finish()
@@ -738,8 +738,7 @@ class RunBooks:
 
     def save(self, step: int) -> str:
         path = os.path.join(self.args.output_dir, f"checkpoint-{step:06d}")
-        # Saved already (a stop right after a scheduled save). Every process sees the same answer: a
-        # checkpoint appears only at the end of save_checkpoint, after all of them have called it.
+        # Saved already (a stop right after a scheduled save): every process sees it, as saves end together.
         if not os.path.isdir(path):
             save_checkpoint(self.accelerator, self.policy, self.optimizer, self.tokenizer, self.args, step)
         return path
@@ -755,8 +754,7 @@ class RunBooks:
         raise RunStopped(f"{reason} before step {failed_step or save_step + 1}; {saved}", code)
 
 
-# Decode the next step's videos in a background thread while a GPU computes. Not on a CPU, where both would
-# share the same cores: on 2, the demo took 49 s with it and 35 s without (GIL and core contention).
+# A thread decodes the next step's videos while a GPU computes; not on 2 CPU cores (demo: 49 s with it, 35 s).
 PREFETCH = torch.cuda.is_available()
 
 
